@@ -1,0 +1,173 @@
+"""The simulated user: one guarded user turn per call, with its end-of-conversation probability."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .dialogue import Dialogue, GuardrailEvent, GuardrailSettings, RejectedSample, SamplingSettings, Turn, count_words
+from .generation import sample
+from .guardrails import (ACTED_THRESHOLD, FirstTokenFilter, banned_first_token_ids, end_is_masked, end_suppressor,
+                         rejection_reason)
+from .model_loading import LoadedModel, load_smollm2, load_userlm
+from .prompt_formats import PromptedUserFormat, PromptFormat, UserLMFormat
+from .userlm_format import USERLM_MODEL_ID
+
+
+class ContextTooLong(ValueError):
+    """Even the intent alone does not fit the context budget."""
+
+
+@dataclass(frozen=True)
+class FittedPrompt:
+    ids: list[int]
+    dropped_turns: int
+
+
+def turn_seed(base_seed: int, turn_index: int, attempt: int) -> int:
+    """A distinct, reproducible seed for every sample of every turn."""
+    return (base_seed * 1_000_003 + turn_index * 7_919 + attempt) % (2**63)
+
+
+class UserSimulator:
+    """Writes the user's side of a dialogue with a causal LM and the guardrails switched on."""
+
+    def __init__(self, loaded: LoadedModel, prompt_format: PromptFormat):
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.model_id = loaded.model_id
+        self.device = loaded.device
+        self.format = prompt_format
+        self._banned: dict[tuple[str, ...], list[int]] = {}
+
+    @classmethod
+    def from_pretrained(cls, model_id: str = USERLM_MODEL_ID, device: str | None = None,
+                        dtype: torch.dtype | None = None) -> "UserSimulator":
+        """UserLM-8b (or a local copy), bf16 on CUDA when present."""
+        loaded = load_userlm(model_id, device, dtype)
+        return cls(loaded, UserLMFormat(loaded.tokenizer))
+
+    @classmethod
+    def prompted_baseline(cls, loaded: LoadedModel | None = None) -> "UserSimulator":
+        """A chat model prompted to play the user; SmolLM2-135M offline by default. Not UserLM."""
+        loaded = loaded or load_smollm2()
+        named = LoadedModel(loaded.model, loaded.tokenizer, f"{loaded.model_id} [prompted user baseline]", loaded.device)
+        return cls(named, PromptedUserFormat(loaded.tokenizer))
+
+    @property
+    def is_prompted_baseline(self) -> bool:
+        return isinstance(self.format, PromptedUserFormat)
+
+    # ---- prompt ----------------------------------------------------------------------------
+
+    def fit_prompt(self, intent: str, messages: Sequence[dict[str, str]], budget: int, max_new_tokens: int) -> FittedPrompt:
+        """Drop the oldest whole exchanges until prompt plus the turn to write fit the budget."""
+        messages = list(messages)
+        dropped = 0
+        while True:
+            ids = self.format.prompt_ids(intent, messages)
+            if len(ids) + max_new_tokens <= budget:
+                return FittedPrompt(ids, dropped)
+            if not messages:
+                raise ContextTooLong(f"the intent takes {len(ids)} tokens; with {max_new_tokens} new tokens it "
+                                     f"exceeds the context budget of {budget}")
+            cut = 2 if len(messages) >= 2 else 1
+            messages, dropped = messages[cut:], dropped + cut
+
+    def banned_ids(self, words: tuple[str, ...]) -> list[int]:
+        if words not in self._banned:
+            self._banned[words] = banned_first_token_ids(self.tokenizer, words)
+        return self._banned[words]
+
+    # ---- one turn --------------------------------------------------------------------------
+
+    def p_end(self, prompt_ids: Sequence[int], first_logits: torch.Tensor) -> float:
+        """Probability that the turn is the end marker, from the raw logits of the first step.
+
+        One token (UserLM): read straight from the generating forward pass. Several tokens (a
+        prompted marker): the product of their conditional probabilities, the later ones from
+        one extra forward pass over the marker.
+        """
+        marker = self.format.end_marker_ids()
+        logp = torch.log_softmax(first_logits.float(), dim=-1)[marker[0]].item()
+        if len(marker) > 1:
+            ids = torch.tensor([list(prompt_ids) + marker[:-1]], device=next(self.model.parameters()).device)
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids).logits[0, len(prompt_ids):].float()
+            logp += torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(marker[1:], device=logits.device)[:, None]).sum().item()
+        return math.exp(logp)
+
+    def decode_turn(self, new_ids: Sequence[int]) -> tuple[str, bool]:
+        """Text before the end marker, and whether the turn *is* the end (marker as its content)."""
+        text = self.tokenizer.decode(list(new_ids), skip_special_tokens=True)
+        head, found, _junk = text.partition(self.format.end_marker)
+        head = head.strip()
+        return head, bool(found) and not head
+
+    def generate_turn(self, dialogue: Dialogue, guardrails: GuardrailSettings, sampling: SamplingSettings,
+                      context_budget: int = 2048, stop_event: threading.Event | None = None) -> Turn:
+        """The next user turn, resampled as the guardrails ask, with every decision recorded."""
+        fitted = self.fit_prompt(dialogue.intent, dialogue.messages(), context_budget, sampling.max_new_tokens)
+        prompt = fitted.ids
+        processors: list[Any] = []
+        banned = self.banned_ids(guardrails.banned_first_words) if guardrails.first_token_filter else []
+        if banned:
+            processors.append(FirstTokenFilter(banned, len(prompt)))
+        masked_end = end_is_masked(guardrails, dialogue.user_turns)
+        if masked_end:
+            processors.append(end_suppressor(self.format.end_marker_ids(), self.format.stop_ids()))
+        earlier = [t.text for t in dialogue.turns if t.role == "user"]
+        resampling = guardrails.length_thresholds or guardrails.verbatim_repetition
+        attempts = guardrails.retry_cap + 1 if resampling else 1
+        turn_index = len(dialogue.turns)
+        rejected: list[RejectedSample] = []
+        rejected_by: Counter[str] = Counter()
+        latency, p_end, events = 0.0, None, []
+        for attempt in range(attempts):
+            seed = turn_seed(sampling.seed, turn_index, attempt)
+            result = sample(self.model, prompt, stop_ids=self.format.stop_ids(), temperature=sampling.temperature,
+                            top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens, seed=seed,
+                            processors=processors, stop_event=stop_event)
+            latency += result.latency_s
+            if p_end is None:  # same prompt every attempt: the first step's logits do not change
+                p_end = self.p_end(prompt, result.first_logits)
+                events = self._mask_events(result.first_logits, banned, masked_end, p_end)
+            text, ends = self.decode_turn(result.new_ids)
+            reason = None if ends else rejection_reason(text, earlier, dialogue.intent, guardrails)
+            if reason is None:
+                break
+            if attempt + 1 < attempts:
+                rejected.append(RejectedSample(text, reason))
+                rejected_by[reason.split(":")[0]] += 1
+        else:
+            events.append(GuardrailEvent("retry_cap", "gave_up", f"kept a sample after {attempts - 1} resamples ({reason})"))
+        for kind, count in rejected_by.items():
+            last = next(r.reason for r in reversed(rejected) if r.reason.startswith(kind))
+            events.append(GuardrailEvent(kind, "resampled", last.split(": ", 1)[1], count=count))  # type: ignore[arg-type]
+        if fitted.dropped_turns:
+            events.append(GuardrailEvent("context", "trimmed", f"dropped {fitted.dropped_turns} oldest turns"))
+        return Turn(
+            role="user", text=text, tokens=len(result.new_ids), words=count_words(text), author="model",
+            model_id=self.model_id, latency_s=latency, p_end=p_end, ends_dialogue=ends, guardrails=tuple(events),
+            rejected=tuple(rejected), sampling=sampling, seed=seed, guardrail_settings=guardrails,
+            context_dropped_turns=fitted.dropped_turns,
+        )
+
+    def _mask_events(self, first_logits: torch.Tensor, banned: list[int], masked_end: bool, p_end: float) -> list[GuardrailEvent]:
+        """What the logit masks removed from the first step's distribution, where it was worth saying."""
+        events = []
+        probs = torch.softmax(first_logits.float(), dim=-1)
+        if banned:
+            banned_probs = probs[banned]
+            mass = banned_probs.sum().item()
+            if mass >= ACTED_THRESHOLD:
+                top = self.tokenizer.decode([banned[int(banned_probs.argmax())]]).strip()
+                events.append(GuardrailEvent("first_token", "masked", f"'{top}' (p={mass:.2f})", probability_removed=mass))
+        if masked_end and p_end >= ACTED_THRESHOLD:
+            events.append(GuardrailEvent("no_early_ending", "masked", f"end (p={p_end:.2f})", probability_removed=p_end))
+        return events
