@@ -31,3 +31,13 @@ def chat_template_ids(tokenizer: Any, messages: Sequence[dict[str, str]], add_ge
         ids += encode_plain(tokenizer, message["content"])
     ids += tokenizer.encode(rest, add_special_tokens=False) if rest else []
     return ids
+
+
+def chat_stop_ids(tokenizer: Any) -> list[int]:
+    """End-of-turn ids of a chat model: its eos plus whichever common turn terminators it has."""
+    ids = {tokenizer.eos_token_id}
+    for token in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)

@@ -26,17 +26,33 @@ class StopOnEvent(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class StopAfterWords(StoppingCriteria):
+    """Stops a sample as soon as it has more words than the length guardrail accepts: it is
+    rejected whatever comes next, so its remaining tokens would be wasted compute."""
+
+    def __init__(self, tokenizer: Any, prompt_length: int, max_words: int):
+        self.tokenizer, self.prompt_length, self.max_words = tokenizer, prompt_length, max_words
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        return torch.tensor([len(t.split()) > self.max_words for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
 @dataclass(frozen=True)
 class Sample:
-    new_ids: list[int]
+    new_ids: list[list[int]]  # one list per sample drawn
     first_logits: torch.Tensor  # raw, before any processor or temperature: shape (vocab,)
     latency_s: float
 
 
 def sample(model: Any, prompt_ids: Sequence[int], *, stop_ids: Sequence[int], temperature: float, top_p: float,
            max_new_tokens: int, seed: int, processors: Sequence[LogitsProcessor] = (),
-           stop_event: threading.Event | None = None, pad_id: int | None = None) -> Sample:
-    """Sample one continuation; raises :class:`GenerationCancelled` if ``stop_event`` fires."""
+           stop_event: threading.Event | None = None, pad_id: int | None = None, num_samples: int = 1,
+           stopping: Sequence[StoppingCriteria] = ()) -> Sample:
+    """Sample ``num_samples`` continuations of one prompt in one batch.
+
+    Raises :class:`GenerationCancelled` if ``stop_event`` fires.
+    """
     stop_event = stop_event or threading.Event()
     if stop_event.is_set():
         raise GenerationCancelled("stopped before generating")
@@ -52,13 +68,14 @@ def sample(model: Any, prompt_ids: Sequence[int], *, stop_ids: Sequence[int], te
             top_k=None, max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids),
             pad_token_id=pad_id if pad_id is not None else stop_ids[0],
             logits_processor=LogitsProcessorList(processors),
-            stopping_criteria=StoppingCriteriaList([StopOnEvent(stop_event)]),
-            return_dict_in_generate=True, output_logits=True,
+            stopping_criteria=StoppingCriteriaList([StopOnEvent(stop_event), *stopping]),
+            num_return_sequences=num_samples, return_dict_in_generate=True, output_logits=True,
         )
     latency = time.perf_counter() - started
     if stop_event.is_set():
         raise GenerationCancelled("stopped during generation")
-    new_ids = out.sequences[0, input_ids.shape[1]:].tolist()
-    while new_ids and new_ids[-1] in stop_ids:
-        new_ids.pop()
-    return Sample(new_ids, out.logits[0][0].float().cpu(), latency)
+    rows = []
+    for row in out.sequences[:, input_ids.shape[1]:].tolist():
+        end = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
+        rows.append(row[:end])
+    return Sample(rows, out.logits[0][0].float().cpu(), latency)

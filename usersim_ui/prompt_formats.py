@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
-from .chat_ids import chat_template_ids
+from .chat_ids import chat_stop_ids, chat_template_ids
 from .userlm_format import (END_CONVERSATION, END_OF_TEXT, EOT, encode_plain, token_id,
                             userlm_prompt_ids)
 
@@ -73,9 +73,4 @@ class PromptedUserFormat:
         return encode_plain(self.tokenizer, self.end_marker)
 
     def stop_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
-        for token in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
-            tid = self.tokenizer.convert_tokens_to_ids(token)
-            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
-                ids.add(tid)
-        return sorted(i for i in ids if i is not None)
+        return chat_stop_ids(self.tokenizer)

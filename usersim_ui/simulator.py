@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 
 from .dialogue import Dialogue, GuardrailEvent, GuardrailSettings, RejectedSample, SamplingSettings, Turn, count_words
-from .generation import sample
+from .generation import StopAfterWords, sample
 from .guardrails import (ACTED_THRESHOLD, FirstTokenFilter, banned_first_token_ids, end_is_masked, end_suppressor,
                          rejection_reason)
 from .model_loading import LoadedModel, load_smollm2, load_userlm
@@ -37,12 +37,13 @@ def turn_seed(base_seed: int, turn_index: int, attempt: int) -> int:
 class UserSimulator:
     """Writes the user's side of a dialogue with a causal LM and the guardrails switched on."""
 
-    def __init__(self, loaded: LoadedModel, prompt_format: PromptFormat):
+    def __init__(self, loaded: LoadedModel, prompt_format: PromptFormat, batched_retries: bool = True):
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.model_id = loaded.model_id
         self.device = loaded.device
         self.format = prompt_format
+        self.batched_retries = batched_retries
         self._banned: dict[tuple[str, ...], list[int]] = {}
 
     @classmethod
@@ -111,7 +112,13 @@ class UserSimulator:
 
     def generate_turn(self, dialogue: Dialogue, guardrails: GuardrailSettings, sampling: SamplingSettings,
                       context_budget: int = 2048, stop_event: threading.Event | None = None) -> Turn:
-        """The next user turn, resampled as the guardrails ask, with every decision recorded."""
+        """The next user turn, resampled as the guardrails ask, with every decision recorded.
+
+        The first sample is drawn alone; if a resampling guardrail rejects it, the remaining
+        ``retry_cap`` samples are drawn in one batch (with ``batched_retries``) and the first
+        that passes is kept: the same distribution as resampling one at a time, in one round
+        instead of up to five.
+        """
         fitted = self.fit_prompt(dialogue.intent, dialogue.messages(), context_budget, sampling.max_new_tokens)
         prompt = fitted.ids
         processors: list[Any] = []
@@ -121,40 +128,44 @@ class UserSimulator:
         masked_end = end_is_masked(guardrails, dialogue.user_turns)
         if masked_end:
             processors.append(end_suppressor(self.format.end_marker_ids(), self.format.stop_ids()))
+        stopping = [StopAfterWords(self.tokenizer, len(prompt), guardrails.max_words)] if guardrails.length_thresholds else []
         earlier = [t.text for t in dialogue.turns if t.role == "user"]
         resampling = guardrails.length_thresholds or guardrails.verbatim_repetition
-        attempts = guardrails.retry_cap + 1 if resampling else 1
+        rounds = [1] + ([guardrails.retry_cap] if self.batched_retries else [1] * guardrails.retry_cap)
+        rounds = rounds if resampling and guardrails.retry_cap > 0 else [1]
         turn_index = len(dialogue.turns)
-        rejected: list[RejectedSample] = []
-        rejected_by: Counter[str] = Counter()
+        candidates: list[tuple[str, bool, int, int, str | None]] = []  # text, ends, tokens, seed, reason
         latency, p_end, events = 0.0, None, []
-        for attempt in range(attempts):
-            seed = turn_seed(sampling.seed, turn_index, attempt)
+        for round_no, size in enumerate(rounds):
+            seed = turn_seed(sampling.seed, turn_index, round_no)
             result = sample(self.model, prompt, stop_ids=self.format.stop_ids(), temperature=sampling.temperature,
                             top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens, seed=seed,
-                            processors=processors, stop_event=stop_event)
+                            processors=processors, stop_event=stop_event, num_samples=size, stopping=stopping)
             latency += result.latency_s
-            if p_end is None:  # same prompt every attempt: the first step's logits do not change
+            if p_end is None:  # same prompt every round: the first step's logits do not change
                 p_end = self.p_end(prompt, result.first_logits)
                 events = self._mask_events(result.first_logits, banned, masked_end, p_end)
-            text, ends = self.decode_turn(result.new_ids)
-            reason = None if ends else rejection_reason(text, earlier, dialogue.intent, guardrails)
-            if reason is None:
+            for row, new_ids in enumerate(result.new_ids):
+                text, ends = self.decode_turn(new_ids)
+                reason = None if ends else rejection_reason(text, earlier, dialogue.intent, guardrails)
+                candidates.append((text, ends, len(new_ids), seed * 64 + row, reason))
+                if reason is None:
+                    break
+            if candidates[-1][4] is None:
                 break
-            if attempt + 1 < attempts:
-                rejected.append(RejectedSample(text, reason))
-                rejected_by[reason.split(":")[0]] += 1
-        else:
-            events.append(GuardrailEvent("retry_cap", "gave_up", f"kept a sample after {attempts - 1} resamples ({reason})"))
-        for kind, count in rejected_by.items():
+        text, ends, tokens, seed, reason = candidates[-1]
+        rejected = tuple(RejectedSample(c[0], c[4] or "") for c in candidates[:-1])
+        if reason is not None:
+            events.append(GuardrailEvent("retry_cap", "gave_up", f"kept a sample after {len(rejected)} resamples ({reason})"))
+        for kind, count in Counter(r.reason.split(":")[0] for r in rejected).items():
             last = next(r.reason for r in reversed(rejected) if r.reason.startswith(kind))
             events.append(GuardrailEvent(kind, "resampled", last.split(": ", 1)[1], count=count))  # type: ignore[arg-type]
         if fitted.dropped_turns:
             events.append(GuardrailEvent("context", "trimmed", f"dropped {fitted.dropped_turns} oldest turns"))
         return Turn(
-            role="user", text=text, tokens=len(result.new_ids), words=count_words(text), author="model",
+            role="user", text=text, tokens=tokens, words=count_words(text), author="model",
             model_id=self.model_id, latency_s=latency, p_end=p_end, ends_dialogue=ends, guardrails=tuple(events),
-            rejected=tuple(rejected), sampling=sampling, seed=seed, guardrail_settings=guardrails,
+            rejected=rejected, sampling=sampling, seed=seed, guardrail_settings=guardrails,
             context_dropped_turns=fitted.dropped_turns,
         )
 
