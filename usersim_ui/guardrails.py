@@ -53,11 +53,12 @@ def end_suppressor(marker_ids: Sequence[int], stop_ids: Sequence[int]) -> NoBadW
 
 
 def end_is_masked(settings: GuardrailSettings, user_turns_so_far: int) -> bool:
-    """Whether the no-early-ending guardrail forbids ending the next user turn."""
+    """Whether the no-early-ending guardrail forbids ending the next user turn: the user must
+    have written ``min_user_turns_before_end`` turns first (None: never, the paper's setting)."""
     if not settings.no_early_ending:
         return False
     minimum = settings.min_user_turns_before_end
-    return minimum is None or user_turns_so_far + 1 <= minimum
+    return minimum is None or user_turns_so_far < minimum
 
 
 def normalise(text: str) -> str:
