@@ -12,7 +12,7 @@ from usersim_ui.backends import BackendError, ScriptedAssistant, TransformersAss
 from usersim_ui.dialogue import (Dialogue, GuardrailEvent, GuardrailSettings, RejectedSample, SamplingSettings, Turn,
                                  dialogue_to_dict, dialogues_from_jsonl, dialogues_to_jsonl)
 from usersim_ui.engine import (DialogueOver, NeedsResearcher, RunSettings, assistant_turn, edit_turn, end_by_researcher,
-                               new_dialogue, regenerate, researcher_turn, run, undo, user_turn)
+                               new_dialogue, next_turn, regenerate, researcher_turn, run, undo, user_turn, auto_run)
 from usersim_ui.generation import GenerationCancelled
 from usersim_ui.intents import load_sample_intents
 from usersim_ui.transcript import badge_line, to_markdown
@@ -61,7 +61,7 @@ def test_sample_intents_cover_the_categories():
 
 def test_engine_runs_to_the_turn_cap_with_a_scripted_assistant(tiny_sim):
     dialogue = new_dialogue("You want help planning a trip to Kyoto.", tiny_sim, SCRIPT)
-    states = list(run(dialogue, tiny_sim, SCRIPT, FAST))
+    states = list(auto_run(dialogue, tiny_sim, SCRIPT, FAST))
     final = states[-1]
     assert [t.role for t in final.turns] == ["user", "assistant"] * 3
     assert final.ended_by == "turn_cap" and [t.text for t in final.turns[1::2]] == list(SCRIPT.replies[:3])
@@ -76,7 +76,8 @@ def test_settings_change_between_turns_applies_to_the_next_turn(tiny_sim):
     dialogue = new_dialogue("You want help planning a trip to Kyoto.")
     current = {"settings": FAST}
     seen = []
-    for state in run(dialogue, tiny_sim, SCRIPT, FAST, settings_now=lambda: current["settings"], max_new_turns=3):
+    make = lambda d, s: next_turn(d, tiny_sim, SCRIPT, s)  # noqa: E731
+    for state in run(dialogue, make, lambda: current["settings"], max_new_turns=3):
         seen.append(state)
         current["settings"] = replace(FAST, guardrails=replace(FAST.guardrails, first_token_filter=False))
     assert seen[0].turns[0].guardrail_settings.first_token_filter is True

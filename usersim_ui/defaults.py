@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass, field
 
 import torch
 
-from .backends import TransformersAssistant
+from .backends import AssistantBackend, OpenAIAssistant, TransformersAssistant
 from .model_loading import LoadedModel, load_smollm2
 from .simulator import UserSimulator
 from .userlm_format import USERLM_MODEL_ID
@@ -41,3 +42,32 @@ def default_simulator(choice: str | None = None) -> UserSimulator:
 
 def default_assistant(**settings: object) -> TransformersAssistant:
     return TransformersAssistant(offline_chat_model(), **settings)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """What the researcher chose as assistant, as plain data (picklable for ZeroGPU workers)."""
+
+    kind: str = "local"  # "local" | "openai" | "researcher"
+    system_prompt: str = "You are a helpful assistant."
+    temperature: float = 0.7
+    max_tokens: int = 128
+    base_url: str = ""
+    model: str = ""
+    api_key: str = field(default="", repr=False)
+    seed: int = 0
+
+
+def make_backend(spec: BackendSpec) -> AssistantBackend | None:
+    """The backend for a spec; None means the researcher types the assistant's turns."""
+    if spec.kind == "researcher":
+        return None
+    if spec.kind == "openai":
+        if not spec.base_url.strip() or not spec.model.strip():
+            raise ValueError("An OpenAI-compatible backend needs a base URL and a model name.")
+        return OpenAIAssistant(base_url=spec.base_url.strip(), model=spec.model.strip(), api_key=spec.api_key,
+                               system_prompt=spec.system_prompt, temperature=spec.temperature, max_tokens=spec.max_tokens)
+    if spec.kind == "local":
+        return default_assistant(system_prompt=spec.system_prompt, temperature=spec.temperature,
+                                 max_new_tokens=spec.max_tokens, seed=spec.seed)
+    raise ValueError(f"unknown assistant backend {spec.kind!r}")

@@ -49,7 +49,7 @@ def new_dialogue(intent: str, simulator: UserSimulator | None = None, backend: A
                     assistant_model=backend.name if backend else None)
 
 
-def _ensure_open(dialogue: Dialogue, settings: RunSettings) -> Dialogue:
+def ensure_open(dialogue: Dialogue, settings: RunSettings) -> Dialogue:
     """Raise if the dialogue is over; close it at the turn cap."""
     if dialogue.ended_by:
         raise DialogueOver(f"the dialogue has ended ({dialogue.ended_by})")
@@ -58,7 +58,7 @@ def _ensure_open(dialogue: Dialogue, settings: RunSettings) -> Dialogue:
     return dialogue
 
 
-def _close_at_cap(dialogue: Dialogue, settings: RunSettings) -> Dialogue:
+def close_at_cap(dialogue: Dialogue, settings: RunSettings) -> Dialogue:
     if not dialogue.ended_by and dialogue.next_role == "user" and dialogue.user_turns >= settings.max_turns:
         return replace(dialogue, ended_by="turn_cap")
     return dialogue
@@ -67,7 +67,7 @@ def _close_at_cap(dialogue: Dialogue, settings: RunSettings) -> Dialogue:
 def user_turn(dialogue: Dialogue, simulator: UserSimulator, settings: RunSettings,
               stop_event: threading.Event | None = None) -> Dialogue:
     """The simulated user's next turn, made with the guardrails as they are set right now."""
-    _ensure_open(dialogue, settings)
+    ensure_open(dialogue, settings)
     if dialogue.next_role != "user":
         raise RuntimeError("the assistant has not answered the last user turn yet")
     turn = simulator.generate_turn(dialogue, settings.guardrails, settings.sampling, settings.context_budget, stop_event)
@@ -79,7 +79,7 @@ def user_turn(dialogue: Dialogue, simulator: UserSimulator, settings: RunSetting
 def assistant_turn(dialogue: Dialogue, backend: AssistantBackend | None, settings: RunSettings,
                    stop_event: threading.Event | None = None) -> Dialogue:
     """The backend's reply; with no backend the researcher must type it."""
-    _ensure_open(dialogue, settings)
+    ensure_open(dialogue, settings)
     if dialogue.next_role != "assistant":
         raise RuntimeError("it is the user's turn")
     if backend is None:
@@ -88,17 +88,17 @@ def assistant_turn(dialogue: Dialogue, backend: AssistantBackend | None, setting
     turn = Turn(role="assistant", text=reply.text, tokens=reply.tokens, words=count_words(reply.text),
                 author="script" if backend.name == "scripted" else "model", model_id=reply.model_id,
                 latency_s=reply.latency_s)
-    return _close_at_cap(replace(dialogue.with_turn(turn), assistant_model=backend.name), settings)
+    return close_at_cap(replace(dialogue.with_turn(turn), assistant_model=backend.name), settings)
 
 
 def researcher_turn(dialogue: Dialogue, text: str, settings: RunSettings) -> Dialogue:
     """A turn typed by the researcher, in whichever role is next."""
-    _ensure_open(dialogue, settings)
+    ensure_open(dialogue, settings)
     text = (text or "").strip()
     if not text:
         raise ValueError("The turn is empty.")
     turn = Turn(role=dialogue.next_role, text=text, tokens=0, words=count_words(text), author="researcher")
-    return _close_at_cap(dialogue.with_turn(turn), settings)
+    return close_at_cap(dialogue.with_turn(turn), settings)
 
 
 def next_turn(dialogue: Dialogue, simulator: UserSimulator, backend: AssistantBackend | None, settings: RunSettings,
@@ -108,24 +108,30 @@ def next_turn(dialogue: Dialogue, simulator: UserSimulator, backend: AssistantBa
     return assistant_turn(dialogue, backend, settings, stop_event)
 
 
-def run(dialogue: Dialogue, simulator: UserSimulator, backend: AssistantBackend | None, settings: RunSettings,
-        stop_event: threading.Event | None = None, max_new_turns: int | None = None,
-        settings_now: Callable[[], RunSettings] | None = None) -> Iterator[Dialogue]:
-    """Yield the dialogue after each new turn until it ends, ``max_new_turns`` pass, or Stop.
+def run(dialogue: Dialogue, make_turn: Callable[[Dialogue, RunSettings], Dialogue],
+        settings_now: Callable[[], RunSettings], max_new_turns: int | None = None) -> Iterator[Dialogue]:
+    """Yield the dialogue after each new turn until it ends or ``max_new_turns`` pass.
 
-    ``settings_now`` (if given) is asked before every turn, so that a guardrail toggled while
-    an auto-run is going applies to the very next turn.
+    ``settings_now`` is asked before every turn, so that a guardrail toggled during an
+    auto-run applies to the very next turn; ``make_turn`` lets the UI route turns through
+    its GPU-scheduled function.
     """
     made = 0
     while not dialogue.ended_by and (max_new_turns is None or made < max_new_turns):
-        current = settings_now() if settings_now else settings
-        closed = _close_at_cap(dialogue, current)
+        settings = settings_now()
+        closed = close_at_cap(dialogue, settings)
         if closed.ended_by:
             yield closed
             return
-        dialogue = next_turn(dialogue, simulator, backend, current, stop_event)
+        dialogue = make_turn(dialogue, settings)
         made += 1
         yield dialogue
+
+
+def auto_run(dialogue: Dialogue, simulator: UserSimulator, backend: AssistantBackend | None, settings: RunSettings,
+             stop_event: threading.Event | None = None, max_new_turns: int | None = None) -> Iterator[Dialogue]:
+    """:func:`run` with fixed settings and the given models: what scripts want."""
+    return run(dialogue, lambda d, s: next_turn(d, simulator, backend, s, stop_event), lambda: settings, max_new_turns)
 
 
 def undo(dialogue: Dialogue) -> Dialogue:

@@ -10,7 +10,7 @@ import sys
 from dataclasses import replace
 
 from .dialogue import GuardrailSettings, SamplingSettings, dialogues_to_jsonl
-from .engine import RunSettings, new_dialogue, run
+from .engine import RunSettings, auto_run, new_dialogue
 from .intents import sample_intent
 from .transcript import badge_line, end_line
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"user: {simulator.model_id} on {simulator.device}\nassistant: {assistant.name}\nintent: {intent}\n")
     dialogue = new_dialogue(intent, simulator, assistant)
     printed = 0
-    for dialogue in run(dialogue, simulator, assistant, settings):
+    for dialogue in auto_run(dialogue, simulator, assistant, settings):
         for turn in dialogue.turns[printed:]:
             printed += 1
             print(f"[{printed}] {turn.role}: {'<|endconversation|>' if turn.ends_dialogue else turn.text}")
