@@ -5,8 +5,6 @@ Data flows one way: event -> core function (``engine``) -> new ``Dialogue`` in `
 any output changes, so the dialogue shown is the dialogue kept.
 """
 
-from __future__ import annotations
-
 import tempfile
 import threading
 from dataclasses import replace
@@ -261,7 +259,7 @@ def build_app() -> gr.Blocks:
         n_set = len(settings_inputs)
 
         def generator(role: str | None, max_new: int | None):
-            def handler(dialogue, intent_text, *values, request: gr.Request):
+            def handler(request: gr.Request, dialogue, intent_text, *values):
                 yield from _generate(dialogue, intent_text, list(values[:n_set]), list(values[n_set:]), request,
                                      role, max_new)
             return handler
@@ -272,7 +270,7 @@ def build_app() -> gr.Blocks:
         running = [buttons[name].click(fn, gen_inputs, view, api_name=name, concurrency_id="model", concurrency_limit=1)
                    for name, fn in model_events.items()]
 
-        def regen(dialogue, intent_text, *values, request: gr.Request):
+        def regen(request: gr.Request, dialogue, intent_text, *values):
             if dialogue is None or not dialogue.turns:
                 raise gr.Error("Nothing to regenerate.")
             settings_values = list(values[:n_set])
@@ -285,7 +283,7 @@ def build_app() -> gr.Blocks:
             _stop_event(_session(request)).set()
         b_stop.click(stop, None, None, api_name="stop", concurrency_limit=None, queue=False)
 
-        def update_live(*values, request: gr.Request):
+        def update_live(request: gr.Request, *values):
             try:
                 _live[_session(request)] = settings_from_inputs(*values)
             except ValueError as exc:
