@@ -23,9 +23,9 @@ def lengths_figure(dialogue: Dialogue, table: pd.DataFrame | None = None) -> go.
     table = turn_table(dialogue) if table is None else table
     fig = go.Figure()
     for role, colour in ROLE_COLOURS.items():
-        rows = table[table.role == role]
-        fig.add_bar(x=rows.turn, y=rows.words, name=f"{role} words", marker_color=colour)
-        fig.add_scatter(x=rows.turn, y=rows.tokens, name=f"{role} tokens", mode="markers",
+        rows = table.loc[table["role"] == role]
+        fig.add_bar(x=rows["turn"], y=rows["words"], name=f"{role} words", marker_color=colour)
+        fig.add_scatter(x=rows["turn"], y=rows["tokens"], name=f"{role} tokens", mode="markers",
                         marker=dict(color=colour, symbol="diamond-open", size=10))
     return _layout(fig, "Turn lengths", "words / tokens")
 
@@ -33,14 +33,14 @@ def lengths_figure(dialogue: Dialogue, table: pd.DataFrame | None = None) -> go.
 def p_end_figure(dialogue: Dialogue, table: pd.DataFrame | None = None) -> go.Figure:
     """p_end per user turn; an X where the no-early-ending guardrail masked the end."""
     table = turn_table(dialogue) if table is None else table
-    user = table[(table.role == "user") & table.p_end.notna()]
+    user = table.loc[(table["role"] == "user") & table["p_end"].notna()]
     fig = go.Figure()
-    fig.add_scatter(x=user.turn, y=user.p_end, mode="lines+markers", name="p_end", line=dict(color=ROLE_COLOURS["user"]))
-    masked = user[user.end_masked]
-    fig.add_scatter(x=masked.turn, y=masked.p_end, mode="markers", name="end masked by guardrail",
+    fig.add_scatter(x=user["turn"], y=user["p_end"], mode="lines+markers", name="p_end", line=dict(color=ROLE_COLOURS["user"]))
+    masked = user.loc[user["end_masked"]]
+    fig.add_scatter(x=masked["turn"], y=masked["p_end"], mode="markers", name="end masked by guardrail",
                     marker=dict(symbol="x", size=13, color="#dc2626"))
-    ended = user[user.ends]
-    fig.add_scatter(x=ended.turn, y=ended.p_end, mode="markers", name="user ended",
+    ended = user.loc[user["ends"]]
+    fig.add_scatter(x=ended["turn"], y=ended["p_end"], mode="markers", name="user ended",
                     marker=dict(symbol="star", size=15, color="#16a34a"))
     fig = _layout(fig, "End-of-conversation probability per user turn", "p_end")
     fig.update_yaxes(range=[0, 1.05])

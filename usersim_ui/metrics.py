@@ -22,7 +22,8 @@ def turn_table(dialogue: Dialogue) -> pd.DataFrame:
             "p_end": turn.p_end, "ends": turn.ends_dialogue, "end_masked": "no_early_ending" in kinds,
             "resamples": len(turn.rejected), "guardrails": ", ".join(kinds), "latency_s": turn.latency_s,
         })
-    return pd.DataFrame(rows, columns=TURN_COLUMNS)
+    table = pd.DataFrame(rows, columns=TURN_COLUMNS)
+    return table.astype({"turn": int, "words": int, "tokens": int, "p_end": float, "ends": bool, "end_masked": bool})
 
 
 def summary(dialogue: Dialogue) -> dict[str, Any]:

@@ -170,7 +170,8 @@ def _guarded(fn: Any, *args: Any) -> Any:
 
 # ---- layout --------------------------------------------------------------------------------------
 
-def build_app() -> gr.Blocks:
+def build_app(max_new_tokens: int = 64, assistant_max_tokens: int = 96, max_turns: int = 6) -> gr.Blocks:
+    """The page; the arguments set the initial slider values (short turns keep a CPU demo brisk)."""
     intents = load_sample_intents()
     categories = sorted({i.category for i in intents})
     with gr.Blocks(title="UserSim Studio") as demo:
@@ -193,7 +194,7 @@ def build_app() -> gr.Blocks:
                     system_prompt = gr.Textbox("You are a helpful assistant.", label="Assistant system prompt", lines=2)
                     with gr.Row():
                         a_temperature = gr.Slider(0, 2, 0.7, step=0.05, label="Assistant temperature")
-                        a_max_tokens = gr.Slider(8, 1024, 96, step=8, label="Assistant max tokens")
+                        a_max_tokens = gr.Slider(8, 1024, assistant_max_tokens, step=8, label="Assistant max tokens")
                     with gr.Group(visible=False) as openai_box:
                         base_url = gr.Textbox(label="Base URL", placeholder="http://localhost:8000/v1")
                         model_name = gr.Textbox(label="Model")
@@ -203,9 +204,9 @@ def build_app() -> gr.Blocks:
                         temperature = gr.Slider(0, 2, 1.0, step=0.05, label="Temperature")
                         top_p = gr.Slider(0.05, 1, 0.8, step=0.05, label="Top-p")
                     with gr.Row():
-                        max_new_tokens = gr.Slider(8, 256, 64, step=8, label="Max new tokens")
+                        max_new_tokens = gr.Slider(8, 256, max_new_tokens, step=8, label="Max new tokens")
                         seed = gr.Number(0, label="Seed", precision=0)
-                max_turns = gr.Slider(1, 30, 6, step=1, label="Max user turns (turn cap)")
+                max_turns = gr.Slider(1, 30, max_turns, step=1, label="Max user turns (turn cap)")
                 with gr.Accordion("Guardrails (apply to the next turn)", open=True):
                     first_token = gr.Checkbox(True, label="First-token filter (no 'I' / 'You' / 'Here' opening)", elem_id="g-first")
                     with gr.Row():
