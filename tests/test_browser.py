@@ -118,14 +118,13 @@ def test_a_researcher_session(page, tmp_path):
 
 def test_stop_midway_keeps_the_dialogue_and_the_app_usable(page):
     page.get_by_role("button", name="Reset", exact=True).click()
-    set_number(page, "Max user turns (turn cap)", 20)
     page.locator("#intent textarea").fill(INTENT)
     page.get_by_role("button", name="Auto-run", exact=True).click()
     page.wait_for_function("() => document.querySelector('#dialogue').innerText.includes('#2 ·')", timeout=TURN_TIMEOUT)
     page.get_by_role("button", name="Stop", exact=True).click()
     page.get_by_text("Stopped. The dialogue so far is kept.").first.wait_for(timeout=60_000)
     kept = turns(page)
-    assert 2 <= kept < 40
+    assert 2 <= kept < 8
     assert "Dialogue over" not in page.locator("#banner").inner_text()
     page.screenshot(path=SHOTS / "05-stopped.png", full_page=True)
     click_and_wait(page, "Step", kept + 2)  # usable after a stop

@@ -37,13 +37,15 @@ def turn_seed(base_seed: int, turn_index: int, attempt: int) -> int:
 class UserSimulator:
     """Writes the user's side of a dialogue with a causal LM and the guardrails switched on."""
 
-    def __init__(self, loaded: LoadedModel, prompt_format: PromptFormat, batched_retries: bool = True):
+    def __init__(self, loaded: LoadedModel, prompt_format: PromptFormat, batched_retries: bool = True,
+                 stop_long_samples: bool = True):
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.model_id = loaded.model_id
         self.device = loaded.device
         self.format = prompt_format
         self.batched_retries = batched_retries
+        self.stop_long_samples = stop_long_samples
         self._banned: dict[tuple[str, ...], list[int]] = {}
 
     @classmethod
@@ -128,7 +130,8 @@ class UserSimulator:
         masked_end = end_is_masked(guardrails, dialogue.user_turns)
         if masked_end:
             processors.append(end_suppressor(self.format.end_marker_ids(), self.format.stop_ids()))
-        stopping = [StopAfterWords(self.tokenizer, len(prompt), guardrails.max_words)] if guardrails.length_thresholds else []
+        stopping = ([StopAfterWords(self.tokenizer, len(prompt), guardrails.max_words)]
+                    if guardrails.length_thresholds and self.stop_long_samples else [])
         earlier = [t.text for t in dialogue.turns if t.role == "user"]
         resampling = guardrails.length_thresholds or guardrails.verbatim_repetition
         rounds = [1] + ([guardrails.retry_cap] if self.batched_retries else [1] * guardrails.retry_cap)
