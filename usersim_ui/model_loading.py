@@ -56,6 +56,11 @@ def smollm2_gguf_path() -> Path | None:
     return path if path.exists() else None
 
 
+def smollm2_cache_path() -> Path:
+    """The converted SmolLM2 checkpoint (a plain transformers folder any server can load)."""
+    return cache_dir() / "smollm2-135m-instruct"
+
+
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantise the GGUF once and save a plain float32 checkpoint beside its tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -79,7 +84,7 @@ def load_smollm2(device: str | None = None) -> LoadedModel:
     if gguf is None:
         source, model_id = SMOLLM2_HUB_ID, SMOLLM2_HUB_ID
     else:
-        source, model_id = cache_dir() / "smollm2-135m-instruct", OFFLINE_MODEL_ID
+        source, model_id = smollm2_cache_path(), OFFLINE_MODEL_ID
         if not (source / "config.json").exists():
             log.info("converting %s once into %s", gguf, source)
             source.parent.mkdir(parents=True, exist_ok=True)
