@@ -139,3 +139,13 @@ def test_dialogue_dict_has_no_secrets(tiny_sim):
     backend = OpenAIAssistant(base_url="http://127.0.0.1:9/v1", model="m", api_key="sk-secret")
     dialogue = new_dialogue("You want a cake recipe.", tiny_sim, backend)
     assert "sk-secret" not in json.dumps(dialogue_to_dict(dialogue)) and "sk-secret" not in repr(backend)
+
+
+def test_local_backend_by_path_and_a_bad_path(smollm2):
+    from usersim_ui.defaults import BackendSpec, make_backend
+    from usersim_ui.model_loading import smollm2_cache_path
+
+    backend = make_backend(BackendSpec(kind="local", model=str(smollm2_cache_path()), max_tokens=6))
+    assert backend.name == str(smollm2_cache_path()) and backend.reply([{"role": "user", "content": "Hi"}]).text
+    with pytest.raises(BackendError, match="Could not load"):
+        make_backend(BackendSpec(kind="local", model="/nonexistent/model"))

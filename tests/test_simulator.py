@@ -11,7 +11,7 @@ import torch
 from conftest import userlm_sim
 from usersim_ui.dialogue import Dialogue, GuardrailSettings, SamplingSettings, Turn
 from usersim_ui.simulator import ContextTooLong, UserSimulator
-from usersim_ui.userlm_format import END_CONVERSATION_ID, encode_plain
+from usersim_ui.userlm_format import END_CONVERSATION_ID, encode_plain, userlm_prompt_ids
 
 OFF = GuardrailSettings(first_token_filter=False, no_early_ending=False, length_thresholds=False,
                         verbatim_repetition=False)
@@ -168,3 +168,26 @@ def test_batched_and_sequential_retries_record_the_same_decisions(llama_tok):
     assert [e.badge() for e in a.guardrails] == [e.badge() for e in b.guardrails]
     assert len(a.rejected) == len(b.rejected) == 4
     assert math.isclose(a.p_end, b.p_end)
+
+
+def test_from_pretrained_loads_a_userlm_checkpoint_from_a_path(tmp_path, llama_tok):
+    from conftest import biased_userlm
+
+    biased_userlm(llama_tok).save_pretrained(tmp_path)
+    llama_tok.save_pretrained(tmp_path)
+    sim = UserSimulator.from_pretrained(str(tmp_path), device="cpu")
+    assert sim.device == "cpu" and sim.model.dtype == torch.float32 and not sim.is_prompted_baseline
+    assert sim.format.stop_ids() == [128009, 128001] and sim.format.end_marker_ids() == [END_CONVERSATION_ID]
+    ids = sim.format.prompt_ids(INTENT, [])
+    assert ids == userlm_prompt_ids(sim.tokenizer, INTENT, []) + encode_plain(sim.tokenizer, "\n")
+    turn = sim.generate_turn(Dialogue(intent=INTENT), OFF, FAST)
+    assert turn.model_id == str(tmp_path) and turn.p_end is not None
+
+
+def test_decode_keeps_only_text_before_the_end_marker(tiny_sim):
+    tok = tiny_sim.tokenizer
+    words = encode_plain(tok, "thanks, bye")
+    junk = encode_plain(tok, " trailing junk")
+    assert tiny_sim.decode_turn(words + [END_CONVERSATION_ID] + junk) == ("thanks, bye", False)
+    assert tiny_sim.decode_turn([END_CONVERSATION_ID] + junk) == ("", True)
+    assert tiny_sim.decode_turn(words) == ("thanks, bye", False)

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backends import AssistantBackend, OpenAIAssistant, TransformersAssistant
-from .model_loading import LoadedModel, load_smollm2
+from .backends import AssistantBackend, BackendError, OpenAIAssistant, TransformersAssistant
+from .model_loading import LoadedModel, load_chat_model, load_smollm2
 from .simulator import UserSimulator
 from .userlm_format import USERLM_MODEL_ID
 
@@ -40,8 +40,19 @@ def default_simulator(choice: str | None = None) -> UserSimulator:
     return UserSimulator.from_pretrained(USERLM_MODEL_ID if choice == "userlm" else choice)
 
 
-def default_assistant(**settings: object) -> TransformersAssistant:
-    return TransformersAssistant(offline_chat_model(), **settings)  # type: ignore[arg-type]
+@functools.lru_cache(maxsize=2)
+def local_chat_model(model_id: str) -> LoadedModel:
+    """Any transformers chat model by hub id or path, kept in memory once loaded."""
+    return load_chat_model(model_id)
+
+
+def default_assistant(model_id: str = "", **settings: object) -> TransformersAssistant:
+    """The local assistant: ``model_id`` (hub id or path) or, when empty, the offline SmolLM2."""
+    try:
+        loaded = local_chat_model(model_id.strip()) if model_id.strip() else offline_chat_model()
+    except OSError as exc:  # no such path, no hub access, not a model folder
+        raise BackendError(f"Could not load the local model {model_id!r}: {exc}") from exc
+    return TransformersAssistant(loaded, **settings)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,6 @@ def make_backend(spec: BackendSpec) -> AssistantBackend | None:
         return OpenAIAssistant(base_url=spec.base_url.strip(), model=spec.model.strip(), api_key=spec.api_key,
                                system_prompt=spec.system_prompt, temperature=spec.temperature, max_tokens=spec.max_tokens)
     if spec.kind == "local":
-        return default_assistant(system_prompt=spec.system_prompt, temperature=spec.temperature,
+        return default_assistant(spec.model, system_prompt=spec.system_prompt, temperature=spec.temperature,
                                  max_new_tokens=spec.max_tokens, seed=spec.seed)
     raise ValueError(f"unknown assistant backend {spec.kind!r}")

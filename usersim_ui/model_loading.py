@@ -97,6 +97,11 @@ def load_smollm2(device: str | None = None) -> LoadedModel:
 def load_userlm(model_id: str = "microsoft/UserLM-8b", device: str | None = None,
                 dtype: torch.dtype | None = None) -> LoadedModel:
     """UserLM-8b (or a path to a copy) in bf16 on GPU: the fp32 weights would need 32 GB."""
+    return load_chat_model(model_id, device, dtype)
+
+
+def load_chat_model(model_id: str, device: str | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
+    """A causal LM and its tokenizer by hub id or local path: bf16 on GPU, fp32 on CPU."""
     device = device or default_device()
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_id)

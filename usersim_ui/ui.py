@@ -195,9 +195,10 @@ def build_app(max_new_tokens: int = 64, assistant_max_tokens: int = 96, max_turn
                     with gr.Row():
                         a_temperature = gr.Slider(0, 2, 0.7, step=0.05, label="Assistant temperature")
                         a_max_tokens = gr.Slider(8, 1024, assistant_max_tokens, step=8, label="Assistant max tokens")
+                    model_name = gr.Textbox(label="Assistant model", elem_id="assistant-model",
+                                            placeholder="local: hub id or path (empty: offline SmolLM2); endpoint: served model name")
                     with gr.Group(visible=False) as openai_box:
                         base_url = gr.Textbox(label="Base URL", placeholder="http://localhost:8000/v1")
-                        model_name = gr.Textbox(label="Model")
                         api_key = gr.Textbox(label="API key (kept in this browser session, never exported)", type="password")
                 with gr.Accordion("Simulated user sampling", open=False):
                     with gr.Row():
