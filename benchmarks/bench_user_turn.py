@@ -2,7 +2,7 @@
 as soon as they pass max_words, retries drawn in one batch) against the plain loop (each
 sample generated to the end, retries one after another), in the same run on the same model.
 
-    python benchmarks/bench_user_turn.py --turns 6
+    python -m benchmarks.bench_user_turn --turns 8
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import replace
 
-from usersim_ui.dialogue import Dialogue, GuardrailSettings, SamplingSettings, Turn
+from usersim_ui.dialogue import Dialogue, GuardrailSettings, SamplingSettings
 from usersim_ui.defaults import offline_chat_model
 from usersim_ui.intents import load_sample_intents
 from usersim_ui.simulator import UserSimulator
