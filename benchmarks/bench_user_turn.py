@@ -46,7 +46,7 @@ def main() -> None:
     base = statistics.mean(results["plain loop (baseline)"])
     print(f"model: {loaded.model_id} on {loaded.device}; {len(intents)} first user turns each; "
           f"max_new_tokens={args.max_new_tokens}; guardrails at the paper's defaults")
-    print(f"| variant | mean s/turn | median s/turn | mean samples/turn | speed-up vs baseline |")
+    print("| variant | mean s/turn | median s/turn | mean samples/turn | speed-up vs baseline |")
     print("|---|---|---|---|---|")
     for name, times in results.items():
         print(f"| {name} | {statistics.mean(times):.2f} | {statistics.median(times):.2f} | "

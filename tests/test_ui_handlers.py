@@ -82,3 +82,12 @@ def test_render_shows_badges_rejected_samples_and_the_end():
     assert "#1 · p_end 0.200" in chat[0]["content"]
     assert chat[1]["metadata"]["title"] == "Rejected samples (1)" and "length: 40 words" in chat[1]["content"]
     assert "endconversation" in chat[-1]["content"] and "Ended by** user" in summary
+
+
+def test_regenerate_draws_a_new_sample_of_the_last_turn(tiny_ui):
+    [made], _ = run_all(ui._generate(None, INTENT, SETTINGS, RESEARCHER, tiny_ui, "user", 1))
+    from usersim_ui.engine import undo
+
+    [again], _ = run_all(ui._generate(undo(made), INTENT, SETTINGS, RESEARCHER, tiny_ui, None, 1, reseed_from=made))
+    assert len(again.turns) == 1 and again.turns[0].seed != made.turns[0].seed
+    assert again.turns[0].sampling.seed == made.turns[0].sampling.seed + 2

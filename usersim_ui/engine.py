@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
-from .backends import AssistantBackend
+from .backends import AssistantBackend, ScriptedAssistant
 from .dialogue import Dialogue, GuardrailSettings, SamplingSettings, Turn, count_words
 from .simulator import UserSimulator
 
@@ -86,7 +86,7 @@ def assistant_turn(dialogue: Dialogue, backend: AssistantBackend | None, setting
         raise NeedsResearcher("You are the assistant: type the reply and press Send.")
     reply = backend.reply(dialogue.messages(), stop_event)
     turn = Turn(role="assistant", text=reply.text, tokens=reply.tokens, words=count_words(reply.text),
-                author="script" if backend.name == "scripted" else "model", model_id=reply.model_id,
+                author="script" if isinstance(backend, ScriptedAssistant) else "model", model_id=reply.model_id,
                 latency_s=reply.latency_s)
     return close_at_cap(replace(dialogue.with_turn(turn), assistant_model=backend.name), settings)
 
@@ -144,9 +144,12 @@ def undo(dialogue: Dialogue) -> Dialogue:
 def regenerate(dialogue: Dialogue, simulator: UserSimulator, backend: AssistantBackend | None, settings: RunSettings,
                stop_event: threading.Event | None = None) -> Dialogue:
     """A new sample of the last turn with the current settings (the seed moves on so it differs)."""
-    base = undo(dialogue)
-    bumped = replace(settings, sampling=replace(settings.sampling, seed=settings.sampling.seed + 1 + len(dialogue.turns)))
-    return next_turn(base, simulator, backend, bumped, stop_event)
+    return next_turn(undo(dialogue), simulator, backend, regeneration_settings(dialogue, settings), stop_event)
+
+
+def regeneration_settings(dialogue: Dialogue, settings: RunSettings) -> RunSettings:
+    """The settings with the seed moved on, so that regenerating gives a new sample."""
+    return replace(settings, sampling=replace(settings.sampling, seed=settings.sampling.seed + 1 + len(dialogue.turns)))
 
 
 def edit_turn(dialogue: Dialogue, index: int, text: str) -> Dialogue:

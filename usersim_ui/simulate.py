@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 
 from .dialogue import GuardrailSettings, SamplingSettings, dialogues_to_jsonl
 from .engine import RunSettings, auto_run, new_dialogue

@@ -133,11 +133,17 @@ def _begin(dialogue: Dialogue | None, intent: str) -> Dialogue:
 
 
 def _generate(dialogue: Dialogue | None, intent: str, settings_values: list[Any], backend_values: list[Any],
-              request: gr.Request | None, role: str | None, max_new_turns: int | None) -> Iterator[tuple[Any, ...]]:
-    """Make turns and stream each into the view; Stop or an error keeps every turn made so far."""
+              request: gr.Request | None, role: str | None, max_new_turns: int | None,
+              reseed_from: Dialogue | None = None) -> Iterator[tuple[Any, ...]]:
+    """Make turns and stream each into the view; Stop or an error keeps every turn made so far.
+
+    ``reseed_from``: regenerating the last turn of this dialogue, so the seed moves on.
+    """
     session = _session(request)
     try:
         settings = settings_from_inputs(*settings_values)
+        if reseed_from is not None:
+            settings = engine.regeneration_settings(reseed_from, settings)
         spec = backend_from_inputs(*backend_values, seed=settings.sampling.seed)
         dialogue = _begin(dialogue, intent)
         if role is not None and dialogue.next_role != role and not dialogue.ended_by:
@@ -275,10 +281,8 @@ def build_app(max_new_tokens: int = 64, assistant_max_tokens: int = 96, max_turn
         def regen(request: gr.Request, dialogue, intent_text, *values):
             if dialogue is None or not dialogue.turns:
                 raise gr.Error("Nothing to regenerate.")
-            settings_values = list(values[:n_set])
-            settings_values[3] = int(settings_values[3]) + 1 + len(dialogue.turns)  # a new seed: a new sample
-            yield from _generate(engine.undo(dialogue), intent_text, settings_values, list(values[n_set:]),
-                                 request, None, 1)
+            yield from _generate(engine.undo(dialogue), intent_text, list(values[:n_set]), list(values[n_set:]),
+                                 request, None, 1, reseed_from=dialogue)
         running.append(b_regen.click(regen, gen_inputs, view, api_name="regenerate", concurrency_id="model"))
 
         def stop(request: gr.Request):
