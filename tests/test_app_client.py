@@ -60,3 +60,17 @@ def test_sessions_are_isolated_and_errors_keep_the_dialogue(app_url):
     assert transcript.count("**1. user:**") == 1 and "**2. assistant:**" in transcript
     with pytest.raises(Exception, match="Nothing to export"):
         bob.predict(api_name="/export_jsonl")
+
+
+def test_the_researcher_types_the_assistant_turn(app_url):
+    client = gradio_client.Client(app_url, verbose=False)
+    call(client, "/next_user_turn", backend_kind="researcher")
+    with pytest.raises(Exception, match="You are the assistant"):
+        call(client, "/next_assistant_turn", backend_kind="researcher")
+    out = client.predict(INTENT, "Stop coffee after 2 pm.", *SETTINGS.values(), api_name="/send_reply")
+    transcript = out[5]
+    assert "**2. assistant:** Stop coffee after 2 pm." in transcript and "typed by researcher" in transcript
+    out = client.predict(2, "Stop coffee by noon.", api_name="/edit_turn")
+    assert "**2. assistant:** Stop coffee by noon." in out[-1] and "edited" in out[-1]
+    out = client.predict(api_name="/undo")
+    assert "**2. assistant:**" not in out[-1]
