@@ -29,6 +29,11 @@ class AssistantReply:
     model_id: str
 
 
+def with_system(system_prompt: str, messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """The assistant's view: its own system prompt (if any) before the dialogue's messages."""
+    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + list(messages)
+
+
 class AssistantBackend(Protocol):
     name: str
 
@@ -51,8 +56,8 @@ class TransformersAssistant:
         return self.loaded.model_id
 
     def reply(self, messages: Sequence[dict[str, str]], stop_event: threading.Event | None = None) -> AssistantReply:
-        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        prompt = chat_template_ids(self.loaded.tokenizer, system + list(messages), add_generation_prompt=True)
+        prompt = chat_template_ids(self.loaded.tokenizer, with_system(self.system_prompt, messages),
+                                   add_generation_prompt=True)
         result = sample(self.loaded.model, prompt, stop_ids=chat_stop_ids(self.loaded.tokenizer), temperature=self.temperature,
                         top_p=self.top_p, max_new_tokens=self.max_new_tokens,
                         seed=self.seed * 1_000_003 + len(messages), stop_event=stop_event)
@@ -104,11 +109,10 @@ class OpenAIAssistant:
 
         if stop_event is not None and stop_event.is_set():
             raise GenerationCancelled("stopped")
-        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         started = time.perf_counter()
         try:
             stream = self._client().chat.completions.create(
-                model=self.model, messages=system + list(messages), temperature=self.temperature,
+                model=self.model, messages=with_system(self.system_prompt, messages), temperature=self.temperature,
                 max_tokens=self.max_tokens, stream=True,
             )
             parts: list[str] = []

@@ -50,11 +50,10 @@ def new_dialogue(intent: str, simulator: UserSimulator | None = None, backend: A
 
 
 def ensure_open(dialogue: Dialogue, settings: RunSettings) -> Dialogue:
-    """Raise if the dialogue is over; close it at the turn cap."""
-    if dialogue.ended_by:
-        raise DialogueOver(f"the dialogue has ended ({dialogue.ended_by})")
-    if dialogue.next_role == "user" and dialogue.user_turns >= settings.max_turns:
-        raise DialogueOver("turn cap reached")
+    """Raise if the dialogue has ended or the next turn would pass the turn cap."""
+    ended_by = close_at_cap(dialogue, settings).ended_by
+    if ended_by:
+        raise DialogueOver(f"The dialogue is over ({ended_by}). Undo, Reset or raise the turn cap to go on.")
     return dialogue
 
 

@@ -24,6 +24,17 @@ class ContextTooLong(ValueError):
 
 
 @dataclass(frozen=True)
+class Candidate:
+    """One sample of a user turn and why a guardrail rejected it (None: accepted)."""
+
+    text: str
+    ends: bool
+    tokens: int
+    seed: int
+    reason: str | None
+
+
+@dataclass(frozen=True)
 class FittedPrompt:
     ids: list[int]
     dropped_turns: int
@@ -137,7 +148,7 @@ class UserSimulator:
         rounds = [1] + ([guardrails.retry_cap] if self.batched_retries else [1] * guardrails.retry_cap)
         rounds = rounds if resampling and guardrails.retry_cap > 0 else [1]
         turn_index = len(dialogue.turns)
-        candidates: list[tuple[str, bool, int, int, str | None]] = []  # text, ends, tokens, seed, reason
+        candidates: list[Candidate] = []
         latency, p_end, events = 0.0, None, []
         for round_no, size in enumerate(rounds):
             seed = turn_seed(sampling.seed, turn_index, round_no)
@@ -151,24 +162,24 @@ class UserSimulator:
             for row, new_ids in enumerate(result.new_ids):
                 text, ends = self.decode_turn(new_ids)
                 reason = None if ends else rejection_reason(text, earlier, dialogue.intent, guardrails)
-                candidates.append((text, ends, len(new_ids), seed * 64 + row, reason))
+                candidates.append(Candidate(text, ends, len(new_ids), seed * 64 + row, reason))
                 if reason is None:
                     break
-            if candidates[-1][4] is None:
+            if candidates[-1].reason is None:
                 break
-        text, ends, tokens, seed, reason = candidates[-1]
-        rejected = tuple(RejectedSample(c[0], c[4] or "") for c in candidates[:-1])
-        if reason is not None:
-            events.append(GuardrailEvent("retry_cap", "gave_up", f"kept a sample after {len(rejected)} resamples ({reason})"))
+        kept = candidates[-1]
+        rejected = tuple(RejectedSample(c.text, c.reason or "") for c in candidates[:-1])
+        if kept.reason is not None:
+            events.append(GuardrailEvent("retry_cap", "gave_up", f"kept a sample after {len(rejected)} resamples ({kept.reason})"))
         for kind, count in Counter(r.reason.split(":")[0] for r in rejected).items():
             last = next(r.reason for r in reversed(rejected) if r.reason.startswith(kind))
             events.append(GuardrailEvent(kind, "resampled", last.split(": ", 1)[1], count=count))  # type: ignore[arg-type]
         if fitted.dropped_turns:
             events.append(GuardrailEvent("context", "trimmed", f"dropped {fitted.dropped_turns} oldest turns"))
         return Turn(
-            role="user", text=text, tokens=tokens, words=count_words(text), author="model",
-            model_id=self.model_id, latency_s=latency, p_end=p_end, ends_dialogue=ends, guardrails=tuple(events),
-            rejected=rejected, sampling=sampling, seed=seed, guardrail_settings=guardrails,
+            role="user", text=kept.text, tokens=kept.tokens, words=count_words(kept.text), author="model",
+            model_id=self.model_id, latency_s=latency, p_end=p_end, ends_dialogue=kept.ends, guardrails=tuple(events),
+            rejected=rejected, sampling=sampling, seed=kept.seed, guardrail_settings=guardrails,
             context_dropped_turns=fitted.dropped_turns,
         )
 

@@ -148,8 +148,7 @@ def _generate(dialogue: Dialogue | None, intent: str, settings_values: list[Any]
         dialogue = _begin(dialogue, intent)
         if role is not None and dialogue.next_role != role and not dialogue.ended_by:
             raise ValueError(f"It is the {dialogue.next_role}'s turn.")
-        if dialogue.ended_by or engine.close_at_cap(dialogue, settings).ended_by:
-            raise engine.DialogueOver("The dialogue is over. Undo, Reset or raise the turn cap to go on.")
+        engine.ensure_open(dialogue, settings)
     except USER_ERRORS as exc:
         raise gr.Error(str(exc)) from exc
     _live[session] = settings
