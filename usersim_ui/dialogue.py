@@ -81,6 +81,7 @@ class Turn:
     guardrail_settings: GuardrailSettings | None = None
     context_dropped_turns: int = 0
     edited: bool = False
+    truncated: bool = False  # kept after the retry cap although generation was cut at max_words/max_new_tokens
 
 
 @dataclass(frozen=True)
