@@ -176,7 +176,8 @@ def test_from_pretrained_loads_a_userlm_checkpoint_from_a_path(tmp_path, llama_t
     biased_userlm(llama_tok).save_pretrained(tmp_path)
     llama_tok.save_pretrained(tmp_path)
     sim = UserSimulator.from_pretrained(str(tmp_path), device="cpu")
-    assert sim.device == "cpu" and sim.model.dtype == torch.float32 and not sim.is_prompted_baseline
+    # bf16 on the CPU too: UserLM-8b's stored fp32 weights would need 32 GB
+    assert sim.device == "cpu" and sim.model.dtype == torch.bfloat16 and not sim.is_prompted_baseline
     assert sim.format.stop_ids() == [128009, 128001] and sim.format.end_marker_ids() == [END_CONVERSATION_ID]
     ids = sim.format.prompt_ids(INTENT, [])
     assert ids == userlm_prompt_ids(sim.tokenizer, INTENT, []) + encode_plain(sim.tokenizer, "\n")
@@ -184,10 +185,68 @@ def test_from_pretrained_loads_a_userlm_checkpoint_from_a_path(tmp_path, llama_t
     assert turn.model_id == str(tmp_path) and turn.p_end is not None
 
 
-def test_decode_keeps_only_text_before_the_end_marker(tiny_sim):
+def test_the_end_marker_anywhere_ends_the_turn_and_what_follows_is_neither_kept_nor_counted(tiny_sim):
     tok = tiny_sim.tokenizer
     words = encode_plain(tok, "thanks, bye")
     junk = encode_plain(tok, " trailing junk")
-    assert tiny_sim.decode_turn(words + [END_CONVERSATION_ID] + junk) == ("thanks, bye", False)
-    assert tiny_sim.decode_turn([END_CONVERSATION_ID] + junk) == ("", True)
-    assert tiny_sim.decode_turn(words) == ("thanks, bye", False)
+    assert tiny_sim.decode_turn(words + [END_CONVERSATION_ID] + junk) == ("thanks, bye", True, len(words) + 1)
+    assert tiny_sim.decode_turn([END_CONVERSATION_ID] + junk) == ("", True, 1)
+    assert tiny_sim.decode_turn(words) == ("thanks, bye", False, len(words))
+    # the literal text of the marker (not its id) is plain text and ends nothing
+    literal = encode_plain(tok, "I typed <|endconversation|> here")
+    assert END_CONVERSATION_ID not in literal and tiny_sim.decode_turn(literal)[1] is False
+
+
+def test_a_turn_that_says_something_then_ends_keeps_the_text_and_ends_the_dialogue(llama_tok, monkeypatch):
+    import transformers
+
+    from usersim_ui import simulator as sim_module
+    from usersim_ui.engine import RunSettings, user_turn
+
+    sim = userlm_sim(llama_tok)
+    script = encode_plain(llama_tok, "ok thanks") + [END_CONVERSATION_ID]
+    prompt_len = len(sim.format.prompt_ids(INTENT, []))
+
+    class Follow(transformers.LogitsProcessor):
+        """Steers the real model through "ok thanks<|endconversation|>", then leaves it free."""
+
+        def __call__(self, input_ids, scores):
+            step = input_ids.shape[1] - prompt_len
+            if step < len(script):
+                scores[:, script[step]] += 1000.0
+            return scores
+
+    real_sample = sim_module.sample
+    monkeypatch.setattr(sim_module, "sample", lambda *a, processors=(), **k: real_sample(
+        *a, processors=[*processors, Follow()], **k))
+    out = user_turn(Dialogue(intent=INTENT), sim, RunSettings(guardrails=OFF, sampling=replace(FAST, max_new_tokens=12)))
+    turn = out.turns[-1]
+    assert out.ended_by == "user" and turn.ends_dialogue and turn.text == "ok thanks"
+    assert turn.tokens == len(script)  # generation stopped at the marker: no junk made or counted
+
+
+def test_userlm_on_a_cpu_without_room_refuses_before_loading(monkeypatch):
+    from usersim_ui import model_loading
+
+    monkeypatch.setattr(model_loading, "available_memory_bytes", lambda: 8 * 2**30)
+    monkeypatch.setattr(model_loading, "load_chat_model", lambda *a, **k: pytest.fail("must not load"))
+    with pytest.raises(RuntimeError, match="needs about 15 GiB in bfloat16 on the CPU"):
+        model_loading.load_userlm("microsoft/UserLM-8b", device="cpu")
+
+
+def test_temperature_zero_is_greedy_with_no_batched_retries(llama_tok):
+    sim = userlm_sim(llama_tok, bias={EOT: 30.0})  # every sample is empty: the length guardrail rejects it
+    settings = replace(OFF, length_thresholds=True, retry_cap=4)
+    turn = sim.generate_turn(Dialogue(intent=INTENT), settings, replace(FAST, temperature=0.0))
+    again = sim.generate_turn(Dialogue(intent=INTENT), settings, replace(FAST, temperature=0.0, seed=99))
+    assert turn.rejected == () and (turn.text, turn.tokens) == (again.text, again.tokens)
+    gave_up = [e for e in turn.guardrails if e.action == "gave_up"]
+    assert gave_up and "greedy" in gave_up[0].detail
+
+
+def test_the_recorded_seed_reproduces_the_turn(tiny_sim):
+    settings = GuardrailSettings(min_words=1, max_words=1000)
+    dialogue = Dialogue(intent=INTENT)
+    made = tiny_sim.generate_turn(dialogue, settings, replace(FAST, seed=3))
+    again = tiny_sim.generate_turn(dialogue, settings, replace(FAST, seed=12345), seed=made.seed)
+    assert made.seed is not None and (again.text, again.tokens, again.seed) == (made.text, made.tokens, made.seed)

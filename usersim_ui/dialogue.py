@@ -117,18 +117,89 @@ def count_words(text: str) -> int:
 
 # ---- JSON -----------------------------------------------------------------------------------
 
-def _turn_from_dict(data: dict[str, Any]) -> Turn:
-    data = dict(data)
-    data["guardrails"] = tuple(GuardrailEvent(**g) for g in data.get("guardrails", ()))
-    data["rejected"] = tuple(RejectedSample(**r) for r in data.get("rejected", ()))
-    if data.get("sampling") is not None:
-        data["sampling"] = SamplingSettings(**data["sampling"])
-    if data.get("guardrail_settings") is not None:
-        gs = dict(data["guardrail_settings"])
-        gs["banned_first_words"] = tuple(gs.get("banned_first_words", ()))
-        data["guardrail_settings"] = GuardrailSettings(**gs)
-    known = {f.name for f in fields(Turn)}
-    return Turn(**{k: v for k, v in data.items() if k in known})
+ENDED_BY_VALUES = (None, "user", "turn_cap", "researcher")
+AUTHORS = ("model", "researcher", "script", "import")
+GUARDRAIL_NAMES = ("first_token", "no_early_ending", "length", "repetition", "retry_cap", "context")
+GUARDRAIL_ACTIONS = ("masked", "resampled", "gave_up", "trimmed")
+
+
+class RecordError(ValueError):
+    """A JSONL record that is not a dialogue; the message names the field."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+
+
+def _check(data: dict[str, Any], where: str, key: str, kind: str, optional: bool = True, choices: tuple = (),
+           low: float | None = None, high: float | None = None) -> Any:
+    """The value at ``key`` if it has the kind asked for; else a RecordError naming it."""
+    value = data.get(key)
+    if value is None and (optional or None in choices):
+        return None
+    if choices and value not in choices:
+        raise RecordError(f"field '{where}{key}': {value!r} is not one of {', '.join(map(str, filter(None, choices)))}")
+    ok = {"str": isinstance(value, str), "bool": isinstance(value, bool), "list": isinstance(value, list),
+          "dict": isinstance(value, dict), "number": _is_number(value),
+          "int": _is_number(value) and float(value).is_integer()}[kind]
+    if not ok:
+        raise RecordError(f"field '{where}{key}': expected {'a' if kind != 'int' else 'an'} {kind}, got {value!r:.60}")
+    if kind in ("number", "int") and ((low is not None and value < low) or (high is not None and value > high)):
+        raise RecordError(f"field '{where}{key}': {value!r} is outside [{low}, {high}]")
+    return int(value) if kind == "int" else value
+
+
+def _settings_from_dict(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise RecordError(f"field '{where}': expected an object, got {data!r:.60}")
+    values = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        kind = {"bool": "bool", "float": "number", "int": "int", "str": "str"}.get(str(f.type).split(" ")[0], None)
+        if f.name == "banned_first_words":
+            words = _check(data, where + ".", f.name, "list")
+            if words is None or not all(isinstance(w, str) for w in words):
+                raise RecordError(f"field '{where}.{f.name}': expected a list of strings")
+            values[f.name] = tuple(words)
+        elif kind is not None:
+            values[f.name] = _check(data, where + ".", f.name, kind, optional="None" in str(f.type))
+    return cls(**values)
+
+
+def _turn_from_dict(data: dict[str, Any], where: str = "") -> Turn:
+    """One turn's metadata (``role`` and ``text`` merged in), every field type-checked."""
+    c = lambda key, kind, **kw: _check(data, where, key, kind, **kw)  # noqa: E731
+    events = []
+    for i, g in enumerate(c("guardrails", "list") or []):
+        if not isinstance(g, dict):
+            raise RecordError(f"field '{where}guardrails[{i}]': expected an object")
+        at = f"{where}guardrails[{i}]."
+        events.append(GuardrailEvent(
+            guardrail=_check(g, at, "guardrail", "str", optional=False, choices=GUARDRAIL_NAMES),
+            action=_check(g, at, "action", "str", optional=False, choices=GUARDRAIL_ACTIONS),
+            detail=_check(g, at, "detail", "str") or "", count=_check(g, at, "count", "int", low=0) or 1,
+            probability_removed=_check(g, at, "probability_removed", "number", low=0, high=1)))
+    rejected = []
+    for i, r in enumerate(c("rejected", "list") or []):
+        if not isinstance(r, dict):
+            raise RecordError(f"field '{where}rejected[{i}]': expected an object")
+        rejected.append(RejectedSample(_check(r, f"{where}rejected[{i}].", "text", "str") or "",
+                                       _check(r, f"{where}rejected[{i}].", "reason", "str") or ""))
+    return Turn(
+        role=data["role"], text=data["text"], tokens=c("tokens", "int", low=0) or 0,
+        words=c("words", "int", low=0) if data.get("words") is not None else count_words(data["text"]),
+        author=c("author", "str", choices=AUTHORS) or "import", model_id=c("model_id", "str"),
+        latency_s=c("latency_s", "number", low=0), p_end=c("p_end", "number", low=0, high=1),
+        ends_dialogue=bool(c("ends_dialogue", "bool")), guardrails=tuple(events), rejected=tuple(rejected),
+        sampling=_settings_from_dict(SamplingSettings, data.get("sampling"), where + "sampling"),
+        seed=c("seed", "int", low=0), guardrail_settings=_settings_from_dict(
+            GuardrailSettings, data.get("guardrail_settings"), where + "guardrail_settings"),
+        context_dropped_turns=c("context_dropped_turns", "int", low=0) or 0, edited=bool(c("edited", "bool")),
+        truncated=bool(c("truncated", "bool")),
+    )
 
 
 def dialogue_to_dict(dialogue: Dialogue) -> dict[str, Any]:
@@ -150,26 +221,40 @@ def dialogue_to_dict(dialogue: Dialogue) -> dict[str, Any]:
     }
 
 
-def dialogue_from_dict(data: dict[str, Any]) -> Dialogue:
-    """Inverse of :func:`dialogue_to_dict`; also takes plain ``messages`` without ``turns``."""
-    if not isinstance(data, dict) or not isinstance(data.get("intent"), str):
-        raise ValueError("a dialogue record needs a string 'intent'")
-    messages = data.get("messages")
-    if not isinstance(messages, list):
-        raise ValueError("a dialogue record needs a 'messages' list")
-    metas = data.get("turns") or [{"author": "import"} for _ in messages]
+def dialogue_from_dict(data: Any, max_text_chars: int | None = None, max_turns: int | None = None) -> Dialogue:
+    """Inverse of :func:`dialogue_to_dict`; also takes plain ``messages`` without ``turns``.
+
+    Every field is checked; a RecordError names the first bad one. ``max_text_chars`` and
+    ``max_turns`` bound what an untrusted file may hold (intent and each message).
+    """
+    if not isinstance(data, dict):
+        raise RecordError(f"a dialogue record is a JSON object, not {type(data).__name__}")
+    intent = _check(data, "", "intent", "str", optional=False)
+    messages = _check(data, "", "messages", "list", optional=False)
+    metas = _check(data, "", "turns", "list") or [{"author": "import"} for _ in messages]
     if len(metas) != len(messages):
-        raise ValueError(f"'turns' has {len(metas)} entries for {len(messages)} messages")
+        raise RecordError(f"field 'turns': {len(metas)} entries for {len(messages)} messages")
+    if max_turns is not None and len(messages) > max_turns:
+        raise RecordError(f"field 'messages': {len(messages)} messages; a dialogue holds at most {max_turns}")
+    for name, text in [("intent", intent)] + [(f"messages[{i}].content", m.get("content")) for i, m in
+                                             enumerate(messages) if isinstance(m, dict)]:
+        if max_text_chars is not None and isinstance(text, str) and len(text) > max_text_chars:
+            raise RecordError(f"field '{name}': {len(text):,} characters; the limit is {max_text_chars:,}")
     turns = []
-    for message, meta in zip(messages, metas):
-        if message.get("role") not in ("user", "assistant") or not isinstance(message.get("content"), str):
-            raise ValueError(f"bad message {message!r}: role must be user/assistant, content a string")
-        meta = {"words": count_words(message["content"]), **meta}
-        turns.append(_turn_from_dict({**meta, "role": message["role"], "text": message["content"]}))
+    for i, (message, meta) in enumerate(zip(messages, metas)):
+        if not isinstance(message, dict):
+            raise RecordError(f"field 'messages[{i}]': expected an object with role and content, got {message!r:.60}")
+        _check(message, f"messages[{i}].", "role", "str", optional=False, choices=("user", "assistant"))
+        _check(message, f"messages[{i}].", "content", "str", optional=False)
+        if not isinstance(meta, dict):
+            raise RecordError(f"field 'turns[{i}]': expected an object, got {meta!r:.60}")
+        turns.append(_turn_from_dict({**meta, "role": message["role"], "text": message["content"]}, f"turns[{i}]."))
     return Dialogue(
-        intent=data["intent"], turns=tuple(turns), ended_by=data.get("ended_by"),
-        user_model=data.get("user_model"), assistant_model=data.get("assistant_model"),
-        context_trims=int(data.get("context_trims", 0)), id=str(data.get("id") or uuid.uuid4().hex[:12]),
+        intent=intent, turns=tuple(turns),
+        ended_by=_check(data, "", "ended_by", "str", choices=ENDED_BY_VALUES),
+        user_model=_check(data, "", "user_model", "str"), assistant_model=_check(data, "", "assistant_model", "str"),
+        context_trims=_check(data, "", "context_trims", "int", low=0) or 0,
+        id=str(_check(data, "", "id", "str") or uuid.uuid4().hex[:12]),
     )
 
 
@@ -177,13 +262,19 @@ def dialogues_to_jsonl(dialogues: Iterable[Dialogue]) -> str:
     return "".join(json.dumps(dialogue_to_dict(d), ensure_ascii=False) + "\n" for d in dialogues)
 
 
-def dialogues_from_jsonl(text: str) -> list[Dialogue]:
+def dialogues_from_jsonl(text: str, max_text_chars: int | None = None, max_turns: int | None = None,
+                         max_dialogues: int | None = None) -> list[Dialogue]:
+    """Every dialogue of a JSONL text; a ValueError names the line and the field of the first bad one."""
     out = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        if max_dialogues is not None and len(out) >= max_dialogues:
+            raise ValueError(f"line {lineno}: the file holds more than {max_dialogues} dialogues")
         try:
-            out.append(dialogue_from_dict(json.loads(line)))
-        except (json.JSONDecodeError, TypeError, ValueError) as exc:
+            out.append(dialogue_from_dict(json.loads(line), max_text_chars, max_turns))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"line {lineno}: not JSON ({exc.msg} at column {exc.colno})") from exc
+        except (TypeError, ValueError) as exc:
             raise ValueError(f"line {lineno}: {exc}") from exc
     return out

@@ -13,9 +13,11 @@ from typing import Callable, Iterator
 
 from .backends import AssistantBackend, ScriptedAssistant
 from .dialogue import Dialogue, GuardrailSettings, SamplingSettings, Turn, count_words
+from .limits import MAX_INTENT_CHARS, MAX_TURNS, check_text
+from .seeds import regenerated_seed, turn_seed
 from .simulator import UserSimulator
 
-MAX_INTENT_CHARS = 4000
+TokenCounter = Callable[[str], int]
 
 
 class DialogueOver(RuntimeError):
@@ -39,9 +41,7 @@ def validate_intent(intent: str) -> str:
     intent = (intent or "").strip()
     if not intent:
         raise ValueError("Write a task intent first: the simulated user has nothing else to go on.")
-    if len(intent) > MAX_INTENT_CHARS:
-        raise ValueError(f"The intent has {len(intent)} characters; keep it under {MAX_INTENT_CHARS}.")
-    return intent
+    return check_text(intent, "The intent", MAX_INTENT_CHARS)
 
 
 def new_dialogue(intent: str, simulator: UserSimulator | None = None, backend: AssistantBackend | None = None) -> Dialogue:
@@ -50,10 +50,25 @@ def new_dialogue(intent: str, simulator: UserSimulator | None = None, backend: A
 
 
 def ensure_open(dialogue: Dialogue, settings: RunSettings) -> Dialogue:
-    """Raise if the dialogue has ended or the next turn would pass the turn cap."""
+    """The dialogue ready for another turn (reopened if the cap that ended it was raised);
+    raise if it has ended or the next turn would pass the turn cap."""
+    dialogue = reopen_if_cap_raised(dialogue, settings)
     ended_by = close_at_cap(dialogue, settings).ended_by
+    if ended_by == "turn_cap":
+        raise DialogueOver(f"The dialogue reached the turn cap ({settings.max_turns} user turns). "
+                           "Raise the cap, Undo or Reset to go on.")
     if ended_by:
-        raise DialogueOver(f"The dialogue is over ({ended_by}). Undo, Reset or raise the turn cap to go on.")
+        who = "the simulated user" if ended_by == "user" else "the researcher"
+        raise DialogueOver(f"The dialogue is over: {who} ended it. Undo or Reset to go on.")
+    if len(dialogue.turns) >= MAX_TURNS:
+        raise DialogueOver(f"The dialogue has {MAX_TURNS} turns, the most one dialogue may hold.")
+    return dialogue
+
+
+def reopen_if_cap_raised(dialogue: Dialogue, settings: RunSettings) -> Dialogue:
+    """A dialogue the turn cap ended goes on once the cap is above its user turns."""
+    if dialogue.ended_by == "turn_cap" and dialogue.user_turns < settings.max_turns:
+        return replace(dialogue, ended_by=None)
     return dialogue
 
 
@@ -64,47 +79,64 @@ def close_at_cap(dialogue: Dialogue, settings: RunSettings) -> Dialogue:
 
 
 def user_turn(dialogue: Dialogue, simulator: UserSimulator, settings: RunSettings,
-              stop_event: threading.Event | None = None) -> Dialogue:
-    """The simulated user's next turn, made with the guardrails as they are set right now."""
-    ensure_open(dialogue, settings)
+              stop_event: threading.Event | None = None, seed: int | None = None,
+              on_token: Callable[[], None] | None = None) -> Dialogue:
+    """The simulated user's next turn, made with the guardrails as they are set right now.
+
+    ``seed``: the turn's exact seed (default: the seed scheme's for this position).
+    """
+    dialogue = ensure_open(dialogue, settings)
     if dialogue.next_role != "user":
-        raise RuntimeError("the assistant has not answered the last user turn yet")
-    turn = simulator.generate_turn(dialogue, settings.guardrails, settings.sampling, settings.context_budget, stop_event)
+        raise ValueError("It is the assistant's turn: the last user turn has no reply yet.")
+    seed = turn_seed(settings.sampling.seed, len(dialogue.turns)) if seed is None else seed
+    turn = simulator.generate_turn(dialogue, settings.guardrails, settings.sampling, settings.context_budget,
+                                   stop_event, seed=seed, on_token=on_token)
     out = replace(dialogue.with_turn(turn), user_model=simulator.model_id,
                   context_trims=dialogue.context_trims + (turn.context_dropped_turns > 0))
     return replace(out, ended_by="user") if turn.ends_dialogue else out
 
 
 def assistant_turn(dialogue: Dialogue, backend: AssistantBackend | None, settings: RunSettings,
-                   stop_event: threading.Event | None = None) -> Dialogue:
+                   stop_event: threading.Event | None = None, seed: int | None = None,
+                   on_token: Callable[[], None] | None = None) -> Dialogue:
     """The backend's reply; with no backend the researcher must type it."""
-    ensure_open(dialogue, settings)
+    dialogue = ensure_open(dialogue, settings)
     if dialogue.next_role != "assistant":
-        raise RuntimeError("it is the user's turn")
+        raise ValueError("It is the user's turn: the assistant has answered already.")
     if backend is None:
         raise NeedsResearcher("You are the assistant: type the reply and press Send.")
-    reply = backend.reply(dialogue.messages(), stop_event)
+    seed = turn_seed(settings.sampling.seed, len(dialogue.turns)) if seed is None else seed
+    reply = backend.reply(dialogue.messages(), stop_event, seed=seed, on_token=on_token)
     turn = Turn(role="assistant", text=reply.text, tokens=reply.tokens, words=count_words(reply.text),
                 author="script" if isinstance(backend, ScriptedAssistant) else "model", model_id=reply.model_id,
-                latency_s=reply.latency_s)
+                latency_s=reply.latency_s, seed=seed)
     return close_at_cap(replace(dialogue.with_turn(turn), assistant_model=backend.name), settings)
 
 
-def researcher_turn(dialogue: Dialogue, text: str, settings: RunSettings) -> Dialogue:
-    """A turn typed by the researcher, in whichever role is next."""
-    ensure_open(dialogue, settings)
-    text = (text or "").strip()
+def _typed_text(text: str, what: str) -> str:
+    text = check_text((text or "").strip(), what)
     if not text:
-        raise ValueError("The turn is empty.")
-    turn = Turn(role=dialogue.next_role, text=text, tokens=0, words=count_words(text), author="researcher")
+        raise ValueError(f"{what} is empty.")
+    return text
+
+
+def researcher_turn(dialogue: Dialogue, text: str, settings: RunSettings,
+                    count_tokens: TokenCounter | None = None) -> Dialogue:
+    """A turn typed by the researcher, in whichever role is next; ``count_tokens`` (the user
+    model's tokenizer) gives it a token count comparable with the model's turns."""
+    dialogue = ensure_open(dialogue, settings)
+    text = _typed_text(text, "The typed turn")
+    turn = Turn(role=dialogue.next_role, text=text, tokens=count_tokens(text) if count_tokens else 0,
+                words=count_words(text), author="researcher")
     return close_at_cap(dialogue.with_turn(turn), settings)
 
 
 def next_turn(dialogue: Dialogue, simulator: UserSimulator, backend: AssistantBackend | None, settings: RunSettings,
-              stop_event: threading.Event | None = None) -> Dialogue:
+              stop_event: threading.Event | None = None, seed: int | None = None,
+              on_token: Callable[[], None] | None = None) -> Dialogue:
     if dialogue.next_role == "user":
-        return user_turn(dialogue, simulator, settings, stop_event)
-    return assistant_turn(dialogue, backend, settings, stop_event)
+        return user_turn(dialogue, simulator, settings, stop_event, seed, on_token)
+    return assistant_turn(dialogue, backend, settings, stop_event, seed, on_token)
 
 
 def run(dialogue: Dialogue, make_turn: Callable[[Dialogue, RunSettings], Dialogue],
@@ -116,6 +148,7 @@ def run(dialogue: Dialogue, make_turn: Callable[[Dialogue, RunSettings], Dialogu
     its GPU-scheduled function.
     """
     made = 0
+    dialogue = reopen_if_cap_raised(dialogue, settings_now())
     while not dialogue.ended_by and (max_new_turns is None or made < max_new_turns):
         settings = settings_now()
         closed = close_at_cap(dialogue, settings)
@@ -142,24 +175,31 @@ def undo(dialogue: Dialogue) -> Dialogue:
 
 def regenerate(dialogue: Dialogue, simulator: UserSimulator, backend: AssistantBackend | None, settings: RunSettings,
                stop_event: threading.Event | None = None) -> Dialogue:
-    """A new sample of the last turn with the current settings (the seed moves on so it differs)."""
-    return next_turn(undo(dialogue), simulator, backend, regeneration_settings(dialogue, settings), stop_event)
+    """A new sample of the last turn with the current settings and a new seed."""
+    return next_turn(undo(dialogue), simulator, backend, settings, stop_event, regeneration_seed(dialogue, settings))
 
 
-def regeneration_settings(dialogue: Dialogue, settings: RunSettings) -> RunSettings:
-    """The settings with the seed moved on, so that regenerating gives a new sample."""
-    return replace(settings, sampling=replace(settings.sampling, seed=settings.sampling.seed + 1 + len(dialogue.turns)))
+def regeneration_seed(dialogue: Dialogue, settings: RunSettings) -> int:
+    """The seed for a new sample of the last turn: new on every press, recorded on the turn."""
+    if not dialogue.turns:
+        raise ValueError("Nothing to regenerate.")
+    return regenerated_seed(dialogue.turns[-1].seed, settings.sampling.seed, len(dialogue.turns) - 1)
 
 
-def edit_turn(dialogue: Dialogue, index: int, text: str) -> Dialogue:
-    """Replace a turn's text by hand; an edited ending turn no longer ends the dialogue."""
+def edit_turn(dialogue: Dialogue, index: int, text: str, count_tokens: TokenCounter | None = None) -> Dialogue:
+    """Replace a turn's text by hand; an edited ending turn no longer ends the dialogue.
+
+    Its token count is recounted (``count_tokens``, else 0: unknown) so charts stay honest.
+    """
     if not 0 <= index < len(dialogue.turns):
-        raise ValueError(f"There is no turn {index + 1}.")
+        raise ValueError(f"There is no turn {index + 1}: the dialogue has {len(dialogue.turns)}.")
     text = (text or "").strip()
     if not text:
         raise ValueError("An edited turn cannot be empty; use Undo to remove it.")
+    text = check_text(text, "The edited turn")
     old = dialogue.turns[index]
-    turn = replace(old, text=text, words=count_words(text), edited=True, ends_dialogue=False)
+    turn = replace(old, text=text, words=count_words(text), tokens=count_tokens(text) if count_tokens else 0,
+                   edited=True, ends_dialogue=False, truncated=False)
     turns = dialogue.turns[:index] + (turn,) + dialogue.turns[index + 1:]
     ended_by = None if old.ends_dialogue and dialogue.ended_by == "user" else dialogue.ended_by
     return replace(dialogue, turns=turns, ended_by=ended_by)

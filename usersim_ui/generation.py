@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -17,12 +17,15 @@ class GenerationCancelled(RuntimeError):
 
 
 class StopOnEvent(StoppingCriteria):
-    """Lets a UI thread stop ``generate()`` between two tokens."""
+    """Lets another thread stop ``generate()`` between two tokens; ``on_token`` hears each step
+    (the GPU worker turns it into a heartbeat, so that Stop is seen within one token)."""
 
-    def __init__(self, event: threading.Event):
-        self.event = event
+    def __init__(self, event: threading.Event, on_token: Callable[[], None] | None = None):
+        self.event, self.on_token = event, on_token
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        if self.on_token is not None:
+            self.on_token()
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
@@ -40,18 +43,23 @@ class StopAfterWords(StoppingCriteria):
 
 @dataclass(frozen=True)
 class Sample:
-    new_ids: list[list[int]]  # one list per sample drawn
+    new_ids: list[list[int]]  # one list per sample drawn, cut before its stop token (a kept id stays)
     first_logits: torch.Tensor  # raw, before any processor or temperature: shape (vocab,)
     latency_s: float
+    truncated: list[bool]  # per sample: no stop token came (max_new_tokens or a stopping criterion cut it)
 
 
 def sample(model: Any, prompt_ids: Sequence[int], *, stop_ids: Sequence[int], temperature: float, top_p: float,
            max_new_tokens: int, seed: int, processors: Sequence[LogitsProcessor] = (),
            stop_event: threading.Event | None = None, pad_id: int | None = None, num_samples: int = 1,
-           stopping: Sequence[StoppingCriteria] = ()) -> Sample:
-    """Sample ``num_samples`` continuations of one prompt in one batch.
+           stopping: Sequence[StoppingCriteria] = (), keep_ids: Sequence[int] = (),
+           on_token: Callable[[], None] | None = None) -> Sample:
+    """Sample ``num_samples`` continuations of one prompt in one batch (greedy at temperature 0,
+    where one sample is all there is).
 
-    Raises :class:`GenerationCancelled` if ``stop_event`` fires.
+    ``keep_ids`` also end a sample but stay in it (UserLM's ``<|endconversation|>``: the turn
+    ends there and what would follow is junk). Raises :class:`GenerationCancelled` if
+    ``stop_event`` fires.
     """
     stop_event = stop_event or threading.Event()
     if stop_event.is_set():
@@ -59,23 +67,30 @@ def sample(model: Any, prompt_ids: Sequence[int], *, stop_ids: Sequence[int], te
     device = next(model.parameters()).device
     input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     do_sample = temperature > 0
+    if not do_sample and num_samples > 1:
+        raise ValueError("greedy decoding gives one sample; ask for num_samples=1 at temperature 0")
+    ends = list(stop_ids) + [k for k in keep_ids if k not in stop_ids]
     torch.manual_seed(seed)
     started = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
             do_sample=do_sample, temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
-            top_k=None, max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids),
+            top_k=None, max_new_tokens=max_new_tokens, eos_token_id=ends,
             pad_token_id=pad_id if pad_id is not None else stop_ids[0],
             logits_processor=LogitsProcessorList(processors),
-            stopping_criteria=StoppingCriteriaList([StopOnEvent(stop_event), *stopping]),
+            stopping_criteria=StoppingCriteriaList([StopOnEvent(stop_event, on_token), *stopping]),
             num_return_sequences=num_samples, return_dict_in_generate=True, output_logits=True,
         )
     latency = time.perf_counter() - started
     if stop_event.is_set():
         raise GenerationCancelled("stopped during generation")
-    rows = []
+    rows, truncated = [], []
     for row in out.sequences[:, input_ids.shape[1]:].tolist():
-        end = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
-        rows.append(row[:end])
-    return Sample(rows, out.logits[0][0].float().cpu(), latency)
+        end = next((i for i, t in enumerate(row) if t in ends), None)
+        truncated.append(end is None)
+        if end is None:
+            rows.append(row)
+        else:
+            rows.append(row[:end + 1] if row[end] in keep_ids else row[:end])
+    return Sample(rows, out.logits[0][0].float().cpu(), latency, truncated)

@@ -94,9 +94,34 @@ def load_smollm2(device: str | None = None) -> LoadedModel:
     return LoadedModel(model, tokenizer, model_id, device)
 
 
+USERLM_BF16_BYTES = 16_060_522_496  # 8.03 B parameters x 2 bytes
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def load_userlm(model_id: str = "microsoft/UserLM-8b", device: str | None = None,
                 dtype: torch.dtype | None = None) -> LoadedModel:
-    """UserLM-8b (or a path to a copy) in bf16 on GPU: the fp32 weights would need 32 GB."""
+    """UserLM-8b (or a path to a copy) in bf16 on GPU *and* CPU: its stored fp32 weights would
+    need 32 GB. On a CPU without room for 16 GB it refuses before reading a byte."""
+    device = device or default_device()
+    dtype = dtype or torch.bfloat16
+    if not device.startswith("cuda"):
+        need = USERLM_BF16_BYTES * (2 if dtype == torch.float32 else 1)
+        have = available_memory_bytes()
+        if have is not None and have < need * 1.1:
+            raise RuntimeError(
+                f"UserLM-8b needs about {need / 2**30:.0f} GiB in {str(dtype).removeprefix('torch.')} on the CPU and "
+                f"this machine has {have / 2**30:.1f} GiB free. Use a GPU, or USERSIM_USER_MODEL=baseline.")
     return load_chat_model(model_id, device, dtype)
 
 

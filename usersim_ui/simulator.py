@@ -6,21 +6,19 @@ import math
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from .dialogue import Dialogue, GuardrailEvent, GuardrailSettings, RejectedSample, SamplingSettings, Turn, count_words
 from .generation import StopAfterWords, sample
+from .limits import ContextTooLong
 from .guardrails import (ACTED_THRESHOLD, FirstTokenFilter, banned_first_token_ids, end_is_masked, end_suppressor,
                          rejection_reason)
 from .model_loading import LoadedModel, load_smollm2, load_userlm
 from .prompt_formats import PromptedUserFormat, PromptFormat, UserLMFormat
+from .seeds import round_seed, turn_seed
 from .userlm_format import USERLM_MODEL_ID
-
-
-class ContextTooLong(ValueError):
-    """Even the intent alone does not fit the context budget."""
 
 
 @dataclass(frozen=True)
@@ -30,19 +28,14 @@ class Candidate:
     text: str
     ends: bool
     tokens: int
-    seed: int
     reason: str | None
+    truncated: bool = False
 
 
 @dataclass(frozen=True)
 class FittedPrompt:
     ids: list[int]
     dropped_turns: int
-
-
-def turn_seed(base_seed: int, turn_index: int, attempt: int) -> int:
-    """A distinct, reproducible seed for every sample of every turn."""
-    return (base_seed * 1_000_003 + turn_index * 7_919 + attempt) % (2**63)
 
 
 class UserSimulator:
@@ -116,21 +109,36 @@ class UserSimulator:
             logp += torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(marker[1:], device=logits.device)[:, None]).sum().item()
         return math.exp(logp)
 
-    def decode_turn(self, new_ids: Sequence[int]) -> tuple[str, bool]:
-        """Text before the end marker, and whether the turn *is* the end (marker as its content)."""
-        text = self.tokenizer.decode(list(new_ids), skip_special_tokens=True)
+    def decode_turn(self, new_ids: Sequence[int]) -> tuple[str, bool, int]:
+        """The turn's text, whether it ends the dialogue, and its token count.
+
+        The end marker ends the dialogue wherever it appears ("thanks! <|endconversation|>"
+        keeps "thanks!" as the last user turn); what follows it is junk, neither shown nor
+        counted. A one-token marker is found by its id, a longer one in the text.
+        """
+        new_ids = list(new_ids)
+        marker = self.format.end_marker_ids()
+        if len(marker) == 1:
+            cut = new_ids.index(marker[0]) if marker[0] in new_ids else None
+            text = self.tokenizer.decode(new_ids[:cut], skip_special_tokens=True).strip()
+            return text, cut is not None, len(new_ids) if cut is None else cut + 1
+        text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
         head, found, _junk = text.partition(self.format.end_marker)
-        head = head.strip()
-        return head, bool(found) and not head
+        at = next((i for i in range(len(new_ids)) if new_ids[i:i + len(marker)] == marker), None)
+        tokens = at + len(marker) if found and at is not None else len(new_ids)
+        return head.strip(), bool(found), tokens
 
     def generate_turn(self, dialogue: Dialogue, guardrails: GuardrailSettings, sampling: SamplingSettings,
-                      context_budget: int = 2048, stop_event: threading.Event | None = None) -> Turn:
+                      context_budget: int = 2048, stop_event: threading.Event | None = None,
+                      seed: int | None = None, on_token: Callable[[], None] | None = None) -> Turn:
         """The next user turn, resampled as the guardrails ask, with every decision recorded.
 
         The first sample is drawn alone; if a resampling guardrail rejects it, the remaining
         ``retry_cap`` samples are drawn in one batch (with ``batched_retries``) and the first
         that passes is kept: the same distribution as resampling one at a time, in one round
-        instead of up to five.
+        instead of up to five. At temperature 0 there is one greedy sample: resampling would
+        give the same text. ``seed`` (default: the scheme's seed for this turn position) is
+        recorded on the turn and reproduces it.
         """
         fitted = self.fit_prompt(dialogue.intent, dialogue.messages(), context_budget, sampling.max_new_tokens)
         prompt = fitted.ids
@@ -146,23 +154,26 @@ class UserSimulator:
         earlier = [t.text for t in dialogue.turns if t.role == "user"]
         resampling = guardrails.length_thresholds or guardrails.verbatim_repetition
         rounds = [1] + ([guardrails.retry_cap] if self.batched_retries else [1] * guardrails.retry_cap)
-        rounds = rounds if resampling and guardrails.retry_cap > 0 else [1]
-        turn_index = len(dialogue.turns)
+        greedy = sampling.temperature <= 0
+        rounds = rounds if resampling and guardrails.retry_cap > 0 and not greedy else [1]
+        seed = turn_seed(sampling.seed, len(dialogue.turns)) if seed is None else seed
+        marker = self.format.end_marker_ids()
         candidates: list[Candidate] = []
         latency, p_end, events = 0.0, None, []
         for round_no, size in enumerate(rounds):
-            seed = turn_seed(sampling.seed, turn_index, round_no)
             result = sample(self.model, prompt, stop_ids=self.format.stop_ids(), temperature=sampling.temperature,
-                            top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens, seed=seed,
-                            processors=processors, stop_event=stop_event, num_samples=size, stopping=stopping)
+                            top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
+                            seed=round_seed(seed, round_no), processors=processors, stop_event=stop_event,
+                            num_samples=size, stopping=stopping, keep_ids=marker if len(marker) == 1 else (),
+                            on_token=on_token)
             latency += result.latency_s
             if p_end is None:  # same prompt every round: the first step's logits do not change
                 p_end = self.p_end(prompt, result.first_logits)
                 events = self._mask_events(result.first_logits, banned, masked_end, p_end)
-            for row, new_ids in enumerate(result.new_ids):
-                text, ends = self.decode_turn(new_ids)
+            for new_ids, cut in zip(result.new_ids, result.truncated):
+                text, ends, tokens = self.decode_turn(new_ids)
                 reason = None if ends else rejection_reason(text, earlier, dialogue.intent, guardrails)
-                candidates.append(Candidate(text, ends, len(new_ids), seed * 64 + row, reason))
+                candidates.append(Candidate(text, ends, tokens, reason, truncated=cut and not ends))
                 if reason is None:
                     break
             if candidates[-1].reason is None:
@@ -170,7 +181,9 @@ class UserSimulator:
         kept = candidates[-1]
         rejected = tuple(RejectedSample(c.text, c.reason or "") for c in candidates[:-1])
         if kept.reason is not None:
-            events.append(GuardrailEvent("retry_cap", "gave_up", f"kept a sample after {len(rejected)} resamples ({kept.reason})"))
+            why = "greedy decoding (temperature 0) gives the same sample again" if greedy and resampling else \
+                f"kept a sample after {len(rejected)} resamples"
+            events.append(GuardrailEvent("retry_cap", "gave_up", f"{why} ({kept.reason})"))
         for kind, count in Counter(r.reason.split(":")[0] for r in rejected).items():
             last = next(r.reason for r in reversed(rejected) if r.reason.startswith(kind))
             events.append(GuardrailEvent(kind, "resampled", last.split(": ", 1)[1], count=count))  # type: ignore[arg-type]
@@ -179,8 +192,8 @@ class UserSimulator:
         return Turn(
             role="user", text=kept.text, tokens=kept.tokens, words=count_words(kept.text), author="model",
             model_id=self.model_id, latency_s=latency, p_end=p_end, ends_dialogue=kept.ends, guardrails=tuple(events),
-            rejected=rejected, sampling=sampling, seed=kept.seed, guardrail_settings=guardrails,
-            context_dropped_turns=fitted.dropped_turns,
+            rejected=rejected, sampling=sampling, seed=seed, guardrail_settings=guardrails,
+            context_dropped_turns=fitted.dropped_turns, truncated=kept.truncated,
         )
 
     def _mask_events(self, first_logits: torch.Tensor, banned: list[int], masked_end: bool, p_end: float) -> list[GuardrailEvent]:

@@ -1,109 +1,26 @@
-"""The Gradio page: lays out components and wires each event to one core function.
+"""The Gradio page: lays out components and wires each event to a handler in ``events``.
 
-Data flows one way: event -> core function (``engine``) -> new ``Dialogue`` in ``gr.State``
--> :func:`render`. Nothing here computes a turn; a failed event raises ``gr.Error`` before
-any output changes, so the dialogue shown is the dialogue kept.
+Data flows one way: event -> handler -> core function (``engine``) -> new ``Dialogue`` in
+``gr.State`` -> ``events.render``. Overlapping events follow ``run_control``'s design; an event
+that cannot apply is a toast, and every output stays as it was.
 """
 
-import tempfile
-import threading
-from dataclasses import replace
-from pathlib import Path
-from typing import Any, Iterator
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import gradio as gr
-import spaces
 
-from . import engine
-from .backends import BackendError
-from .charts import lengths_figure, p_end_figure
-from .defaults import BackendSpec, default_simulator, make_backend
-from .dialogue import Dialogue, GuardrailSettings, SamplingSettings, dialogues_from_jsonl, dialogues_to_jsonl
-from .generation import GenerationCancelled
+from . import engine, events
+from .dialogue import Dialogue
+from .gpu import simulator
 from .intents import load_sample_intents
-from .metrics import summary, turn_table
-from .simulator import ContextTooLong, UserSimulator
-from .transcript import badge_line, end_line, to_markdown
+from .limits import MAX_INTENT_CHARS, MAX_TURN_CHARS
 
-USER_ERRORS = (ValueError, BackendError, engine.DialogueOver, engine.NeedsResearcher, ContextTooLong, RuntimeError)
 BACKEND_CHOICES = [("Local model (SmolLM2-135M-Instruct)", "local"), ("OpenAI-compatible endpoint", "openai"),
                    ("You are the assistant (type the replies)", "researcher")]
-
-_simulator: UserSimulator | None = None
-_stops: dict[str, threading.Event] = {}  # per browser session: Stop sets it, generate() checks it
-_live: dict[str, engine.RunSettings] = {}  # per browser session: the settings as the toggles stand now
-
-
-def simulator() -> UserSimulator:
-    global _simulator
-    if _simulator is None:
-        _simulator = default_simulator()
-    return _simulator
-
-
-def _session(request: gr.Request | None) -> str:
-    return getattr(request, "session_hash", None) or "local"
-
-
-def _stop_event(session: str) -> threading.Event:
-    return _stops.setdefault(session, threading.Event())
-
-
-# ---- settings from components ------------------------------------------------------------------
-
-def settings_from_inputs(temperature: float, top_p: float, max_new_tokens: float, seed: float, max_turns: float,
-                         first_token: bool, no_early_end: bool, min_turns_before_end: float, length: bool,
-                         min_words: float, max_words: float, repetition: bool, retry_cap: float) -> engine.RunSettings:
-    """The run settings as the panel shows them; 0 minimum turns before ending means 'never end'."""
-    if min_words > max_words:
-        raise ValueError(f"Minimum words ({min_words:g}) is above maximum words ({max_words:g}).")
-    guardrails = GuardrailSettings(
-        first_token_filter=bool(first_token), no_early_ending=bool(no_early_end),
-        min_user_turns_before_end=int(min_turns_before_end) or None, length_thresholds=bool(length),
-        min_words=int(min_words), max_words=int(max_words), verbatim_repetition=bool(repetition),
-        retry_cap=int(retry_cap),
-    )
-    sampling = SamplingSettings(temperature=float(temperature), top_p=float(top_p),
-                                max_new_tokens=int(max_new_tokens), seed=int(seed))
-    return engine.RunSettings(guardrails=guardrails, sampling=sampling, max_turns=int(max_turns))
-
-
-def backend_from_inputs(kind: str, system_prompt: str, temperature: float, max_tokens: float, base_url: str,
-                        model: str, api_key: str, seed: float = 0) -> BackendSpec:
-    return BackendSpec(kind=kind, system_prompt=system_prompt, temperature=float(temperature),
-                       max_tokens=int(max_tokens), base_url=base_url or "", model=model or "", api_key=api_key or "",
-                       seed=int(seed))
-
-
-# ---- rendering -----------------------------------------------------------------------------------
-
-def chat_messages(dialogue: Dialogue) -> list[dict[str, Any]]:
-    """Chatbot messages: each turn, its badge line, and its rejected samples folded away."""
-    messages: list[dict[str, Any]] = []
-    for number, turn in enumerate(dialogue.turns, 1):
-        text = "*⟨ends the conversation: `<|endconversation|>`⟩*" if turn.ends_dialogue else turn.text
-        messages.append({"role": turn.role, "content": f"{text}\n\n<sub>#{number} · {badge_line(turn)}</sub>"})
-        if turn.rejected:
-            body = "\n\n".join(f"- *{r.reason}*: {r.text or '(empty)'}" for r in turn.rejected)
-            messages.append({"role": turn.role, "content": body,
-                             "metadata": {"title": f"Rejected samples ({len(turn.rejected)})", "status": "done"}})
-    return messages
-
-
-def summary_markdown(dialogue: Dialogue) -> str:
-    s = summary(dialogue)
-    acts = ", ".join(f"{k} {v}" for k, v in s["guardrail_activations"].items()) or "none"
-    return (f"**Turns** {s['turns']} ({s['user_turns']} user) · **Ended by** {s['ended_by']} · "
-            f"**Guardrail activations** {acts} · **Mean resamples / user turn** {s['mean_resamples_per_user_turn']:.2f}"
-            + (f" · **Context trims** {s['context_trims']}" if s["context_trims"] else ""))
-
-
-def render(dialogue: Dialogue) -> tuple[Any, ...]:
-    """Every view of the dialogue, in the order of ``view_outputs``."""
-    table = turn_table(dialogue)
-    banner = end_line(dialogue) or (f"Next: **{dialogue.next_role}** turn" if dialogue.turns else "Press **Step** or **Auto-run** to start.")
-    return (dialogue, chat_messages(dialogue), banner, lengths_figure(dialogue, table), p_end_figure(dialogue, table),
-            summary_markdown(dialogue), to_markdown(dialogue))
+__all__ = ["build_app", "simulator"]
 
 
 def model_info() -> str:
@@ -112,240 +29,294 @@ def model_info() -> str:
     return f"**Simulated user:** `{sim.model_id}` on **{sim.device}**{note}"
 
 
-# ---- model work (one GPU slice per turn on ZeroGPU; a no-op decorator elsewhere) -----------------
+@dataclass
+class Page:
+    """The components the events are wired to."""
 
-@spaces.GPU(duration=120)
-def model_turn(dialogue: Dialogue, settings: engine.RunSettings, spec: BackendSpec, session: str,
-               role: str | None = None) -> Dialogue:
-    """One model-made turn. Takes and returns plain data so that ZeroGPU can pickle it."""
-    stop = _stop_event(session)
-    if role == "user" or (role is None and dialogue.next_role == "user"):
-        return engine.user_turn(dialogue, simulator(), settings, stop)
-    return engine.assistant_turn(dialogue, make_backend(spec), settings, stop)
-
-
-def _begin(dialogue: Dialogue | None, intent: str) -> Dialogue:
-    """The dialogue to continue; before its first turn it takes the intent box as it is now."""
-    if dialogue is None or not dialogue.turns:
-        return replace(dialogue or Dialogue(intent=""), intent=engine.validate_intent(intent),
-                       user_model=simulator().model_id)
-    return dialogue
-
-
-def _generate(dialogue: Dialogue | None, intent: str, settings_values: list[Any], backend_values: list[Any],
-              request: gr.Request | None, role: str | None, max_new_turns: int | None,
-              reseed_from: Dialogue | None = None) -> Iterator[tuple[Any, ...]]:
-    """Make turns and stream each into the view; Stop or an error keeps every turn made so far.
-
-    ``reseed_from``: regenerating the last turn of this dialogue, so the seed moves on.
-    """
-    session = _session(request)
-    try:
-        settings = settings_from_inputs(*settings_values)
-        if reseed_from is not None:
-            settings = engine.regeneration_settings(reseed_from, settings)
-        spec = backend_from_inputs(*backend_values, seed=settings.sampling.seed)
-        dialogue = _begin(dialogue, intent)
-        if role is not None and dialogue.next_role != role and not dialogue.ended_by:
-            raise ValueError(f"It is the {dialogue.next_role}'s turn.")
-        engine.ensure_open(dialogue, settings)
-    except USER_ERRORS as exc:
-        raise gr.Error(str(exc)) from exc
-    _live[session] = settings
-    stop = _stop_event(session)
-    stop.clear()
-    make_turn = lambda d, s: model_turn(d, s, spec, session, role)  # noqa: E731
-    settings_now = lambda: _live.get(session, settings)  # noqa: E731 - toggles moved mid-run apply next turn
-    try:
-        for dialogue in engine.run(dialogue, make_turn, settings_now, max_new_turns):
-            yield render(dialogue)
-    except GenerationCancelled:
-        gr.Warning("Stopped. The dialogue so far is kept.")
-        yield render(dialogue)
-    except USER_ERRORS as exc:
-        raise gr.Error(str(exc)) from exc
+    state: Any
+    intent: Any
+    settings: list[Any]
+    backend: list[Any]
+    view: list[Any]
+    buttons: dict[str, Any]
+    your_reply: Any
+    edit_no: Any
+    edit_text: Any
+    export_file: Any
+    import_file: Any
+    openai_box: Any
+    you_box: Any
+    info: Any
+    chatbot: Any
 
 
-def _guarded(fn: Any, *args: Any) -> Any:
-    try:
-        return fn(*args)
-    except USER_ERRORS as exc:
-        raise gr.Error(str(exc)) from exc
+# ---- layout --------------------------------------------------------------------------------
 
-
-# ---- layout --------------------------------------------------------------------------------------
-
-def build_app(max_new_tokens: int = 64, assistant_max_tokens: int = 96, max_turns: int = 6) -> gr.Blocks:
-    """The page; the arguments set the initial slider values (short turns keep a CPU demo brisk)."""
+def _intent_panel() -> Any:
+    intent = gr.Textbox(label="Task intent", lines=3, max_length=MAX_INTENT_CHARS, elem_id="intent",
+                        placeholder="What the simulated user wants, e.g. 'You want to ...'")
     intents = load_sample_intents()
-    categories = sorted({i.category for i in intents})
-    with gr.Blocks(title="UserSim Studio") as demo:
-        state = gr.State(None)
-        gr.Markdown("# UserSim Studio\nWatch, steer and measure dialogues between a simulated user and an assistant.")
-        info = gr.Markdown(model_info(), elem_id="model-info")
-        with gr.Row():
-            with gr.Column(scale=2, min_width=320):
-                intent = gr.Textbox(label="Task intent", lines=4, max_length=engine.MAX_INTENT_CHARS,
-                                    placeholder="What the simulated user wants, e.g. 'You want to ...'", elem_id="intent")
-                with gr.Accordion("Sample intents", open=True):
-                    intent_sets = []
-                    for category in categories:
-                        members = [i for i in intents if i.category == category]
-                        ds = gr.Dataset(components=[gr.Textbox(visible=False)], samples=[[i.title] for i in members],
-                                        label=category, type="index", samples_per_page=10)
-                        intent_sets.append((ds, members))
-                with gr.Accordion("Assistant", open=True):
-                    backend_kind = gr.Radio(BACKEND_CHOICES, value="local", label="Assistant backend", elem_id="backend")
-                    system_prompt = gr.Textbox("You are a helpful assistant.", label="Assistant system prompt", lines=2)
-                    with gr.Row():
-                        a_temperature = gr.Slider(0, 2, 0.7, step=0.05, label="Assistant temperature")
-                        a_max_tokens = gr.Slider(8, 1024, assistant_max_tokens, step=8, label="Assistant max tokens")
-                    model_name = gr.Textbox(label="Assistant model", elem_id="assistant-model",
-                                            placeholder="local: hub id or path (empty: offline SmolLM2); endpoint: served model name")
-                    with gr.Group(visible=False) as openai_box:
-                        base_url = gr.Textbox(label="Base URL", placeholder="http://localhost:8000/v1")
-                        api_key = gr.Textbox(label="API key (kept in this browser session, never exported)", type="password")
-                with gr.Accordion("Simulated user sampling", open=False):
-                    with gr.Row():
-                        temperature = gr.Slider(0, 2, 1.0, step=0.05, label="Temperature")
-                        top_p = gr.Slider(0.05, 1, 0.8, step=0.05, label="Top-p")
-                    with gr.Row():
-                        max_new_tokens = gr.Slider(8, 256, max_new_tokens, step=8, label="Max new tokens")
-                        seed = gr.Number(0, label="Seed", precision=0)
-                max_turns = gr.Slider(1, 30, max_turns, step=1, label="Max user turns (turn cap)")
-                with gr.Accordion("Guardrails (apply to the next turn)", open=True):
-                    first_token = gr.Checkbox(True, label="First-token filter (no 'I' / 'You' / 'Here' opening)", elem_id="g-first")
-                    with gr.Row():
-                        no_early_end = gr.Checkbox(True, label="No early ending", elem_id="g-end")
-                        min_turns_end = gr.Number(0, label="Min user turns before ending (0 = never)", precision=0)
-                    with gr.Row():
-                        length = gr.Checkbox(True, label="Length thresholds", elem_id="g-length")
-                        min_words = gr.Number(3, label="Min words", precision=0)
-                        max_words = gr.Number(25, label="Max words", precision=0)
-                    with gr.Row():
-                        repetition = gr.Checkbox(True, label="Verbatim repetition", elem_id="g-repeat")
-                        retry_cap = gr.Number(5, label="Retry cap", precision=0, minimum=0, maximum=32)
-            with gr.Column(scale=3, min_width=420):
-                chatbot = gr.Chatbot(label="Dialogue", height=520, elem_id="dialogue", buttons=["copy"])
-                banner = gr.Markdown("Press **Step** or **Auto-run** to start.", elem_id="banner")
-                with gr.Row():
-                    b_user = gr.Button("Next user turn")
-                    b_assistant = gr.Button("Next assistant turn")
-                    b_step = gr.Button("Step", variant="primary")
-                    b_auto = gr.Button("Auto-run", variant="primary")
-                    b_stop = gr.Button("Stop", variant="stop")
-                with gr.Row():
-                    b_undo = gr.Button("Undo last turn", size="sm")
-                    b_regen = gr.Button("Regenerate last turn", size="sm")
-                    b_end = gr.Button("End dialogue", size="sm")
-                    b_reset = gr.Button("Reset", size="sm")
-                with gr.Row(visible=False) as you_box:
-                    your_reply = gr.Textbox(label="Your reply as the assistant", scale=4, elem_id="your-reply")
-                    b_send = gr.Button("Send", scale=1)
-                with gr.Accordion("Edit a turn", open=False):
-                    with gr.Row():
-                        edit_no = gr.Number(1, label="Turn #", precision=0, minimum=1, scale=1)
-                        edit_text = gr.Textbox(label="New text", scale=4)
-                        b_edit = gr.Button("Apply edit", scale=1)
-                summary_md = gr.Markdown(elem_id="summary")
-                with gr.Row():
-                    lengths_plot = gr.Plot(label="Turn lengths", elem_id="lengths-plot")
-                    p_end_plot = gr.Plot(label="p_end", elem_id="pend-plot")
-                with gr.Accordion("Export / import", open=False):
-                    with gr.Row():
-                        b_export = gr.Button("Export JSONL")
-                        export_file = gr.File(label="Download", interactive=False, elem_id="export-file")
-                        import_file = gr.File(label="Import JSONL", file_types=[".jsonl", ".json"], elem_id="import-file")
-                    transcript = gr.Textbox(label="Transcript (Markdown)", lines=6, buttons=["copy"], elem_id="transcript")
-
-        settings_inputs = [temperature, top_p, max_new_tokens, seed, max_turns, first_token, no_early_end,
-                           min_turns_end, length, min_words, max_words, repetition, retry_cap]
-        backend_inputs = [backend_kind, system_prompt, a_temperature, a_max_tokens, base_url, model_name, api_key]
-        view = [state, chatbot, banner, lengths_plot, p_end_plot, summary_md, transcript]
-        gen_inputs = [state, intent, *settings_inputs, *backend_inputs]
-        n_set = len(settings_inputs)
-
-        def generator(role: str | None, max_new: int | None):
-            def handler(request: gr.Request, dialogue, intent_text, *values):
-                yield from _generate(dialogue, intent_text, list(values[:n_set]), list(values[n_set:]), request,
-                                     role, max_new)
-            return handler
-
-        model_events = {"next_user_turn": generator("user", 1), "next_assistant_turn": generator("assistant", 1),
-                        "step": generator(None, 2), "auto_run": generator(None, None)}
-        buttons = {"next_user_turn": b_user, "next_assistant_turn": b_assistant, "step": b_step, "auto_run": b_auto}
-        running = [buttons[name].click(fn, gen_inputs, view, api_name=name, concurrency_id="model", concurrency_limit=1)
-                   for name, fn in model_events.items()]
-
-        def regen(request: gr.Request, dialogue, intent_text, *values):
-            if dialogue is None or not dialogue.turns:
-                raise gr.Error("Nothing to regenerate.")
-            yield from _generate(engine.undo(dialogue), intent_text, list(values[:n_set]), list(values[n_set:]),
-                                 request, None, 1, reseed_from=dialogue)
-        running.append(b_regen.click(regen, gen_inputs, view, api_name="regenerate", concurrency_id="model"))
-
-        def stop(request: gr.Request):
-            _stop_event(_session(request)).set()
-        b_stop.click(stop, None, None, api_name="stop", concurrency_limit=None, queue=False)
-
-        def update_live(request: gr.Request, *values):
-            try:
-                _live[_session(request)] = settings_from_inputs(*values)
-            except ValueError as exc:
-                gr.Warning(str(exc))
-        gr.on([c.change for c in settings_inputs], update_live, settings_inputs, None, api_name="update_settings",
-              concurrency_limit=None, queue=False)
-
-        def plain(fn):
-            def handler(dialogue, *args):
-                if dialogue is None:
-                    raise gr.Error("There is no dialogue yet.")
-                return render(_guarded(fn, dialogue, *args))
-            return handler
-
-        b_undo.click(plain(engine.undo), [state], view, api_name="undo")
-        b_end.click(plain(engine.end_by_researcher), [state], view, api_name="end_dialogue")
-        b_edit.click(plain(lambda d, n, t: engine.edit_turn(d, int(n) - 1, t)), [state, edit_no, edit_text], view,
-                     api_name="edit_turn")
-
-        def send(dialogue, intent_text, text, *values):
-            dialogue = _guarded(_begin, dialogue, intent_text)
-            return render(_guarded(engine.researcher_turn, dialogue, text, settings_from_inputs(*values))) + ("",)
-        b_send.click(send, [state, intent, your_reply, *settings_inputs], view + [your_reply], api_name="send_reply")
-        your_reply.submit(send, [state, intent, your_reply, *settings_inputs], view + [your_reply], api_name=False)
-
-        def reset(intent_text):
-            return render(Dialogue(intent=(intent_text or "").strip()))
-        b_reset.click(reset, [intent], view, api_name="reset")
-
-        def export(dialogue):
-            if dialogue is None or not dialogue.turns:
-                raise gr.Error("Nothing to export yet.")
-            folder = Path(tempfile.mkdtemp(prefix="usersim_"))
-            path = folder / f"dialogue-{dialogue.id}.jsonl"
-            path.write_text(dialogues_to_jsonl([dialogue]), encoding="utf-8")
-            return str(path)
-        b_export.click(export, [state], [export_file], api_name="export_jsonl")
-
-        def load(file):
-            if file is None:
-                return (gr.skip(),) * (len(view) + 1)
-            try:
-                dialogues = dialogues_from_jsonl(Path(file if isinstance(file, str) else file.name).read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise gr.Error(f"Could not import: {exc}") from exc
-            if not dialogues:
-                raise gr.Error("The file holds no dialogue.")
-            if len(dialogues) > 1:
-                gr.Warning(f"The file holds {len(dialogues)} dialogues; showing the first.")
-            return render(dialogues[0]) + (dialogues[0].intent,)
-        import_file.upload(load, [import_file], view + [intent], api_name="import_jsonl")
-
-        for ds, members in intent_sets:
+    with gr.Accordion("Sample intents", open=False):
+        for category in sorted({i.category for i in intents}):
+            members = [i for i in intents if i.category == category]
+            ds = gr.Dataset(components=[gr.Textbox(visible=False)], samples=[[i.title] for i in members],
+                            label=category, type="index", samples_per_page=10)
             ds.click(lambda i, m=members: m[i].intent, [ds], [intent], api_name=False)
+    return intent
 
-        def show_backend(kind):
-            return gr.update(visible=kind == "openai"), gr.update(visible=kind == "researcher")
-        backend_kind.change(show_backend, [backend_kind], [openai_box, you_box], api_name=False)
-        demo.load(lambda: model_info(), None, [info], api_name=False)
+
+def _guardrail_panel() -> list[Any]:
+    with gr.Accordion("Guardrails (apply to the next turn)", open=True):
+        first_token = gr.Checkbox(True, label="First-token filter (no 'I' / 'You' / 'Here' opening)", elem_id="g-first")
+        with gr.Row():
+            no_early_end = gr.Checkbox(True, label="No early ending", elem_id="g-end")
+            min_turns_end = gr.Number(0, label="Min user turns before ending (0 = never)", precision=0, minimum=0)
+        with gr.Row():
+            length = gr.Checkbox(True, label="Length thresholds", elem_id="g-length")
+            min_words = gr.Number(3, label="Min words", precision=0, minimum=0)
+            max_words = gr.Number(25, label="Max words", precision=0, minimum=1)
+        with gr.Row():
+            repetition = gr.Checkbox(True, label="Verbatim repetition", elem_id="g-repeat")
+            retry_cap = gr.Number(5, label="Retry cap", precision=0, minimum=0, maximum=32)
+    return [first_token, no_early_end, min_turns_end, length, min_words, max_words, repetition, retry_cap]
+
+
+def _sampling_panel(max_new_tokens: int, max_turns: int) -> list[Any]:
+    turn_cap = gr.Slider(1, 30, max_turns, step=1, label="Max user turns (turn cap)", elem_id="turn-cap")
+    with gr.Accordion("Simulated user sampling", open=False):
+        with gr.Row():
+            temperature = gr.Slider(0, 2, 1.0, step=0.05, label="Temperature")
+            top_p = gr.Slider(0.05, 1, 0.8, step=0.05, label="Top-p")
+        with gr.Row():
+            new_tokens = gr.Slider(8, 256, max_new_tokens, step=8, label="Max new tokens")
+            seed = gr.Number(0, label="Seed", precision=0, minimum=0)
+    return [temperature, top_p, new_tokens, seed, turn_cap]
+
+
+def _assistant_panel(assistant_max_tokens: int) -> tuple[list[Any], Any]:
+    with gr.Accordion("Assistant", open=True):
+        kind = gr.Radio(BACKEND_CHOICES, value="local", label="Assistant backend", elem_id="backend")
+        system_prompt = gr.Textbox("You are a helpful assistant.", label="Assistant system prompt", lines=2,
+                                   max_length=MAX_TURN_CHARS)
+        with gr.Row():
+            temperature = gr.Slider(0, 2, 0.7, step=0.05, label="Assistant temperature")
+            max_tokens = gr.Slider(8, 1024, assistant_max_tokens, step=8, label="Assistant max tokens")
+        model_name = gr.Textbox(label="Assistant model", elem_id="assistant-model",
+                                placeholder="local: hub id or path (empty: offline SmolLM2); endpoint: served model name")
+        with gr.Group(visible=False) as openai_box:
+            base_url = gr.Textbox(label="Base URL", placeholder="http://localhost:8000/v1")
+            api_key = gr.Textbox(label="API key (kept in this browser session, never exported)", type="password")
+    return [kind, system_prompt, temperature, max_tokens, base_url, model_name, api_key], openai_box
+
+
+def _dialogue_panel() -> tuple[Any, Any, dict[str, Any], Any, Any, Any, Any]:
+    chatbot = gr.Chatbot(label="Dialogue", height=480, elem_id="dialogue", buttons=["copy"], sanitize_html=True)
+    banner = gr.Markdown("Press **Step** or **Auto-run** to start.", elem_id="banner")
+    buttons: dict[str, Any] = {}
+    with gr.Row():
+        buttons["next_user_turn"] = gr.Button("Next user turn")
+        buttons["next_assistant_turn"] = gr.Button("Next assistant turn")
+        buttons["step"] = gr.Button("Step", variant="primary")
+        buttons["auto_run"] = gr.Button("Auto-run", variant="primary")
+        buttons["stop"] = gr.Button("Stop", variant="secondary", interactive=False, elem_id="stop")
+    with gr.Row():
+        buttons["undo"] = gr.Button("Undo last turn", size="sm")
+        buttons["regenerate"] = gr.Button("Regenerate last turn", size="sm")
+        buttons["end_dialogue"] = gr.Button("End dialogue", size="sm")
+        buttons["reset"] = gr.Button("Reset", size="sm")
+    with gr.Row(visible=False) as you_box:
+        your_reply = gr.Textbox(label="Your reply as the assistant", scale=4, elem_id="your-reply",
+                                max_length=MAX_TURN_CHARS)
+        buttons["send_reply"] = gr.Button("Send", scale=1)
+    with gr.Accordion("Edit a turn", open=False):
+        with gr.Row():
+            edit_no = gr.Number(1, label="Turn #", precision=0, minimum=1, scale=1)
+            edit_text = gr.Textbox(label="New text", scale=4, max_length=MAX_TURN_CHARS)
+            buttons["edit_turn"] = gr.Button("Apply edit", scale=1)
+    return chatbot, banner, buttons, you_box, your_reply, edit_no, edit_text
+
+
+def _charts_panel() -> tuple[Any, Any, Any]:
+    summary_md = gr.Markdown(elem_id="summary")
+    with gr.Row():
+        p_end_plot = gr.Plot(label="P(end)", elem_id="pend-plot")
+        lengths_plot = gr.Plot(label="Turn lengths", elem_id="lengths-plot")
+    return summary_md, lengths_plot, p_end_plot
+
+
+def _export_panel() -> tuple[Any, Any, Any, Any]:
+    with gr.Accordion("Export / import", open=False):
+        with gr.Row():
+            export_button = gr.Button("Export JSONL")
+            export_file = gr.File(label="Download", interactive=False, elem_id="export-file")
+            import_file = gr.File(label="Import JSONL", file_types=[".jsonl", ".json"], elem_id="import-file")
+        transcript = gr.Textbox(label="Transcript (Markdown)", lines=6, buttons=["copy"], elem_id="transcript")
+    return export_button, export_file, import_file, transcript
+
+
+def _layout(max_new_tokens: int, assistant_max_tokens: int, max_turns: int) -> Page:
+    state = gr.State(None)
+    gr.Markdown("# UserSim Studio\nWatch, steer and measure dialogues between a simulated user and an assistant.")
+    info = gr.Markdown(model_info(), elem_id="model-info")
+    with gr.Row():
+        with gr.Column(scale=3, min_width=380):
+            chatbot, banner, buttons, you_box, your_reply, edit_no, edit_text = _dialogue_panel()
+        with gr.Column(scale=2, min_width=320):
+            intent = _intent_panel()
+            guardrails = _guardrail_panel()
+            sampling = _sampling_panel(max_new_tokens, max_turns)
+            backend, openai_box = _assistant_panel(assistant_max_tokens)
+    summary_md, lengths_plot, p_end_plot = _charts_panel()
+    buttons["export_jsonl"], export_file, import_file, transcript = _export_panel()
+    temperature, top_p, new_tokens, seed, turn_cap = sampling
+    settings = [temperature, top_p, new_tokens, seed, turn_cap, *guardrails]
+    view = [state, chatbot, banner, lengths_plot, p_end_plot, summary_md, transcript]
+    return Page(state, intent, settings, backend, view, buttons, your_reply, edit_no, edit_text, export_file,
+                import_file, openai_box, you_box, info, chatbot)
+
+
+# ---- controls ------------------------------------------------------------------------------
+
+def control_states(dialogue: Dialogue | None, kind: str, max_turns: float | None, busy: bool) -> dict[str, bool]:
+    """Which buttons can act now: none but Stop, End and Reset while a run is in flight."""
+    dialogue = dialogue or Dialogue(intent="")
+    has_turns = bool(dialogue.turns)
+    try:
+        open_ = not engine.ensure_open(dialogue, engine.RunSettings(max_turns=int(max_turns or 1))).ended_by
+    except engine.DialogueOver:
+        open_ = False
+    user_next = dialogue.next_role == "user"
+    you = kind == "researcher"
+    states = {
+        "next_user_turn": open_ and user_next, "next_assistant_turn": open_ and not user_next and not you,
+        "step": open_ and (user_next or not you), "auto_run": open_ and (user_next or not you),
+        "send_reply": open_ and you, "undo": has_turns, "regenerate": has_turns, "edit_turn": has_turns,
+        "end_dialogue": has_turns and not dialogue.ended_by, "reset": True, "export_jsonl": has_turns,
+        "stop": False,
+    }
+    if busy:
+        states = {name: name in ("stop", "end_dialogue", "reset", "export_jsonl") for name in states}
+    return states
+
+
+def _controls(page: Page) -> Any:
+    names = list(page.buttons)
+
+    def update(dialogue: Dialogue | None, kind: str, max_turns: float | None, request: gr.Request) -> list[Any]:
+        busy = events.RUNS.in_flight(events.session_of(request))
+        states = control_states(dialogue, kind, max_turns, busy)
+        return [gr.update(interactive=states[n], variant="stop" if busy else "secondary") if n == "stop"
+                else gr.update(interactive=states[n]) for n in names]
+
+    def lock() -> list[Any]:
+        return [gr.update(interactive=n in ("stop", "end_dialogue", "reset"), variant="stop") if n == "stop"
+                else gr.update(interactive=n in ("end_dialogue", "reset")) for n in names]
+
+    outputs = [page.buttons[n] for n in names]
+    refresh_inputs = [page.state, page.backend[0], page.settings[4]]
+    return update, lock, outputs, refresh_inputs
+
+
+# ---- wiring --------------------------------------------------------------------------------
+
+def _wire_runs(page: Page, update: Any, lock: Any, outputs: list[Any], refresh_inputs: list[Any]) -> None:
+    n_set = len(page.settings)
+    inputs = [page.state, page.intent, *page.settings, *page.backend]
+
+    def handler(role: str | None, max_new: int | None, regenerate: bool, event: str):
+        def run(request: gr.Request, dialogue, intent_text, *values):
+            yield from events.run_turns(dialogue, intent_text, list(values[:n_set]), list(values[n_set:]),
+                                        events.session_of(request), role, max_new, regenerate, event)
+        return run
+
+    runs = {"next_user_turn": ("user", 1, False), "next_assistant_turn": ("assistant", 1, False),
+            "step": (None, 2, False), "auto_run": (None, None, False), "regenerate": (None, 1, True)}
+    for name, (role, max_new, regenerate) in runs.items():
+        # Runs register with run_control the moment they start: no gradio queue in front of them
+        # (so Stop reaches a waiting run), bounded by RunControl.max_runs instead.
+        page.buttons[name].click(lock, None, outputs, queue=False, api_name=False).then(
+            handler(role, max_new, regenerate, name), inputs, page.view, api_name=name,
+            concurrency_id="runs", concurrency_limit=events.RUNS.max_runs + 4,
+        ).then(update, refresh_inputs, outputs, queue=False, api_name=False)
+
+    def stop(request: gr.Request) -> None:
+        events.RUNS.stop(events.session_of(request))
+    page.buttons["stop"].click(stop, None, None, api_name="stop", queue=False)
+
+
+def _wire_edits(page: Page) -> None:
+    def quick(event: str, while_running: str, transition: Any):
+        def handler(request: gr.Request, dialogue, *args):
+            session = events.session_of(request)
+            if dialogue is None:
+                return events.refuse("There is no dialogue yet.", event, session)
+            return events.guarded(event, session, lambda: transition(dialogue, *args), while_running)
+        return handler
+
+    page.buttons["undo"].click(quick("undo", "Undo", engine.undo), [page.state], page.view, api_name="undo")
+    page.buttons["edit_turn"].click(
+        quick("edit_turn", "Editing a turn", lambda d, n, t: engine.edit_turn(
+            d, int(events._number(n, "Turn #", 1, 10**6)) - 1, t, events.count_user_tokens)),
+        [page.state, page.edit_no, page.edit_text], page.view, api_name="edit_turn")
+
+    def end(request: gr.Request, dialogue):
+        if dialogue is None or not dialogue.turns:
+            return events.refuse("There is no dialogue to end yet.", "end_dialogue", events.session_of(request))
+        return events.cancel_then("end_dialogue", events.session_of(request), dialogue, engine.end_by_researcher)
+    page.buttons["end_dialogue"].click(end, [page.state], page.view, api_name="end_dialogue", concurrency_limit=None)
+
+    def reset(request: gr.Request, dialogue, intent_text):
+        fresh = Dialogue(intent=(intent_text or "").strip()[:MAX_INTENT_CHARS])
+        return events.cancel_then("reset", events.session_of(request), dialogue, lambda _d: fresh)
+    page.buttons["reset"].click(reset, [page.state, page.intent], page.view, api_name="reset", concurrency_limit=None)
+    page.chatbot.clear(reset, [page.state, page.intent], page.view, api_name=False, concurrency_limit=None)
+
+    def send(request: gr.Request, dialogue, intent_text, text, *values):
+        return events.send_reply(dialogue, intent_text, text, list(values), events.session_of(request))
+    send_inputs = [page.state, page.intent, page.your_reply, *page.settings]
+    page.buttons["send_reply"].click(send, send_inputs, page.view + [page.your_reply], api_name="send_reply")
+    page.your_reply.submit(send, send_inputs, page.view + [page.your_reply], api_name=False)
+
+
+def _wire_files(page: Page) -> None:
+    def export(request: gr.Request, dialogue):
+        return events.export_file(dialogue, events.session_of(request))
+    page.buttons["export_jsonl"].click(export, [page.state], [page.export_file], api_name="export_jsonl")
+
+    def load(request: gr.Request, file):
+        return events.import_file(file, events.session_of(request))
+    page.import_file.upload(load, [page.import_file], page.view + [page.intent], api_name="import_jsonl")
+
+
+def _wire_settings(page: Page) -> None:
+    def update_live(request: gr.Request, *values):
+        try:
+            events.set_live_settings(events.session_of(request), events.settings_from_inputs(*values))
+        except ValueError as exc:
+            gr.Warning(str(exc))
+    gr.on([c.change for c in page.settings], update_live, page.settings, None, api_name="update_settings",
+          concurrency_limit=None)
+
+    def show_backend(kind):
+        return gr.update(visible=kind == "openai"), gr.update(visible=kind == "researcher")
+    page.backend[0].change(show_backend, [page.backend[0]], [page.openai_box, page.you_box], api_name=False)
+
+
+def build_app(max_new_tokens: int = 64, assistant_max_tokens: int = 256, max_turns: int = 6) -> gr.Blocks:
+    """The page; the arguments set the initial slider values (short user turns keep a CPU demo brisk)."""
+    # Exported files and uploads in gradio's cache are deleted an hour after they were made.
+    with gr.Blocks(title="UserSim Studio", delete_cache=(600, 3600)) as demo:
+        page = _layout(max_new_tokens, assistant_max_tokens, max_turns)
+        update, lock, outputs, refresh_inputs = _controls(page)
+        _wire_runs(page, update, lock, outputs, refresh_inputs)
+        _wire_edits(page)
+        _wire_files(page)
+        _wire_settings(page)
+        for trigger in (page.state.change, page.backend[0].change, page.settings[4].change):
+            trigger(update, refresh_inputs, outputs, queue=False, api_name=False)
+        demo.load(lambda: model_info(), None, [page.info], api_name=False)
+
+        def release(request: gr.Request) -> None:
+            events.RUNS.forget(events.session_of(request))
+        demo.unload(release)
     return demo
