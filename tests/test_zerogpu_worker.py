@@ -1,0 +1,117 @@
+"""The model turn through a real forked worker, the way ZeroGPU runs it: ``spaces``' own
+generator wrapper (fork, pickled arguments and yields, its stop protocol), with only the
+calls to the ZeroGPU scheduler and its CUDA hand-over replaced, since neither exists off
+Hugging Face."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+from types import SimpleNamespace
+
+import gradio as gr
+import pytest
+
+from usersim_ui import engine, gpu
+from usersim_ui.defaults import BackendSpec
+from usersim_ui.dialogue import Dialogue, GuardrailSettings, SamplingSettings
+from usersim_ui.generation import GenerationCancelled
+
+
+
+def _import_wrappers():
+    """spaces.zero.wrappers, on a CPU-only torch too: its CUDA hand-over module
+    (spaces.zero.torch) reads torch.version.cuda at import; the wrapper itself only calls its
+    ``enter_mode`` on the main side, a no-op without CUDA."""
+    import importlib
+    import sys
+    import types
+
+    import torch
+
+    if torch.version.cuda is None and "spaces.zero.torch" not in sys.modules:
+        sys.modules["spaces.zero.torch"] = types.SimpleNamespace(enter_mode=lambda: None)
+    return importlib.import_module("spaces.zero.wrappers")
+
+
+wrappers = _import_wrappers()
+INTENT = "You want a recipe for a chocolate cake."
+OFF = GuardrailSettings(first_token_filter=False, no_early_ending=False, length_thresholds=False,
+                        verbatim_repetition=False)
+
+
+@pytest.fixture
+def zerogpu(monkeypatch, llama_tok):
+    """``gpu.model_turn_stream`` wrapped by spaces' ZeroGPU generator wrapper, on the tiny UserLM."""
+    from conftest import userlm_sim
+
+    sim = userlm_sim(llama_tok)
+    monkeypatch.setattr(gpu, "_simulator", sim)  # set before the fork: the worker inherits it, as on a Space
+    schedule = SimpleNamespace(allowToken="t", nvidiaIndex=0, nvidiaUUID="cpu", idle=True)
+    monkeypatch.setattr(wrappers.client, "schedule", lambda **kwargs: schedule)
+    monkeypatch.setattr(wrappers.client, "release", lambda *args, **kwargs: None)
+    monkeypatch.setattr(wrappers.client, "get_duration_seconds", lambda *args: 60)
+    monkeypatch.setattr(wrappers, "worker_init", lambda **kwargs: None)  # no CUDA to hand over here
+    wrapped = wrappers.generator_function_wrapper(gpu.model_turn_stream, gpu.gpu_seconds, None)
+    monkeypatch.setattr(gpu, "model_turn_stream", wrapped)
+    return sim
+
+
+def long_turn_settings() -> engine.RunSettings:
+    # no stop token can come: the turn runs to max_new_tokens unless stopped
+    return engine.RunSettings(guardrails=OFF, sampling=SamplingSettings(max_new_tokens=3000, seed=1),
+                              context_budget=4096)
+
+
+def test_a_turn_made_in_the_forked_worker_is_the_turn_made_in_process(zerogpu, monkeypatch):
+    settings = replace(long_turn_settings(), sampling=SamplingSettings(max_new_tokens=8, seed=3))
+    dialogue = Dialogue(intent=INTENT)
+    forked = gpu.run_model_turn(dialogue, settings, BackendSpec(), 42, threading.Event())
+    local = engine.user_turn(dialogue, zerogpu, settings, seed=42)
+    assert forked.turns[0].text == local.turns[0].text and forked.turns[0].seed == 42
+    assert forked.turns[0].p_end == pytest.approx(local.turns[0].p_end, rel=1e-6)
+
+
+def test_stop_ends_a_turn_in_the_forked_worker_within_a_token(zerogpu):
+    ticks: list[float] = []
+    stop = threading.Event()
+    stream = gpu.model_turn_stream(Dialogue(intent=INTENT), long_turn_settings(), BackendSpec(), 7)
+    started = time.perf_counter()
+    made = 0
+    for item in stream:  # what run_model_turn does, with the token counts kept to check the bound
+        ticks.append(time.perf_counter())
+        made = item
+        if made >= 20 and not stop.is_set():
+            stop.set()
+            stopped_at = time.perf_counter()
+            stream.close()
+            break
+    closed = time.perf_counter()
+    assert made >= 20
+    per_token = (ticks[-1] - ticks[0]) / max(1, len(ticks) - 1)
+    # closing returns once the worker has wound down: one more token at most, plus the round trip
+    assert closed - stopped_at < max(1.0, 5 * per_token), (closed - stopped_at, per_token)
+    assert closed - started < 60  # 3000 tokens would take far longer than this
+    # the worker is reused for the next turn, with its own stop event cleared
+    again = gpu.run_model_turn(Dialogue(intent=INTENT), replace(long_turn_settings(), sampling=SamplingSettings(
+        max_new_tokens=4, seed=1)), BackendSpec(), 8, threading.Event())
+    assert len(again.turns) == 1
+
+
+def test_run_model_turn_raises_cancelled_when_stop_is_set_midway(zerogpu):
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()
+    started = time.perf_counter()
+    with pytest.raises(GenerationCancelled):
+        gpu.run_model_turn(Dialogue(intent=INTENT), long_turn_settings(), BackendSpec(), 7, stop)
+    assert time.perf_counter() - started < 10
+
+
+def test_a_backend_error_arrives_from_the_worker_with_its_message(zerogpu):
+    dialogue = engine.researcher_turn(Dialogue(intent=INTENT), "Hello there, I need help", long_turn_settings())
+    spec = BackendSpec(kind="local", model="/nonexistent/assistant-model")
+    with pytest.raises(gr.Error) as caught:
+        gpu.run_model_turn(dialogue, long_turn_settings(), spec, 1, threading.Event())
+    assert "Could not load the local model '/nonexistent/assistant-model'" in caught.value.message
+    assert caught.value.title == "Assistant failed"
