@@ -239,7 +239,7 @@ def _run(run: Run, original: Dialogue, start: Dialogue, settings: engine.RunSett
         message = exc.message if isinstance(exc, gr.Error) else str(exc)
         log.info("run ended early (session %s): %s", session[:8], message)
         gr.Warning(message)
-        notice = f"⚠ {message} The dialogue so far is kept."
+        notice = f"⚠ {message.rstrip('.')}. The dialogue so far is kept."
     kept = original if regenerate and current is start else current
     final = RUNS.finish(run, kept)
     yield render(final, notice=notice if final is kept else None)
