@@ -1,93 +1,119 @@
-"""The UI's own functions called as plain functions over state (no server, no browser)."""
+"""The page's handlers called as plain functions (no server, no browser) on the tiny UserLM."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import logging
 
-import gradio as gr
 import pytest
 
-from usersim_ui import ui
-from usersim_ui.dialogue import Dialogue, RejectedSample, Turn
+from usersim_ui import events, gpu
+from usersim_ui.dialogue import Dialogue, GuardrailEvent, RejectedSample, Turn
+from usersim_ui.ui import control_states
 
 SETTINGS = [1.0, 0.8, 6, 0, 3, True, True, 0, True, 1, 1000, True, 2]  # settings_from_inputs order
 RESEARCHER = ["researcher", "", 0.7, 16, "", "", ""]
+LOCAL = ["local", "", 0.7, 4, "", "", ""]
 INTENT = "You want a recipe for a chocolate cake."
+SKIP = {"__type__": "update"}
 
 
 @pytest.fixture
-def tiny_ui(monkeypatch, tiny_sim):
-    monkeypatch.setattr(ui, "_simulator", tiny_sim)
-    return SimpleNamespace(session_hash="handler-test")
+def tiny(monkeypatch, tiny_sim):
+    monkeypatch.setattr(gpu, "_simulator", tiny_sim)
+    return "handler-test"
 
 
-def run_all(gen):
-    """All yields of a handler generator, and the gr.Error that ended it (or None)."""
-    states, error = [], None
-    try:
-        for out in gen:
-            states.append(out[0])
-    except gr.Error as exc:
-        error = exc
-    return states, error
+def dialogues(gen) -> list[Dialogue]:
+    return [out[0] for out in gen if isinstance(out[0], Dialogue)]
 
 
-def test_settings_from_inputs():
-    settings = ui.settings_from_inputs(*SETTINGS)
+def test_settings_from_inputs_reads_every_box_and_names_the_bad_one():
+    settings = events.settings_from_inputs(*SETTINGS)
     assert settings.guardrails.min_user_turns_before_end is None and settings.max_turns == 3
-    assert ui.settings_from_inputs(*SETTINGS[:7], 2, *SETTINGS[8:]).guardrails.min_user_turns_before_end == 2
+    assert events.settings_from_inputs(*SETTINGS[:7], 2, *SETTINGS[8:]).guardrails.min_user_turns_before_end == 2
     with pytest.raises(ValueError, match="Minimum words"):
-        ui.settings_from_inputs(*SETTINGS[:9], 30, 20, *SETTINGS[11:])
+        events.settings_from_inputs(*SETTINGS[:9], 30, 20, *SETTINGS[11:])
+    with pytest.raises(ValueError, match="'Seed' is empty|seed box is empty"):
+        events.settings_from_inputs(*SETTINGS[:3], None, *SETTINGS[4:])
+    with pytest.raises(ValueError, match="'Retry cap' is empty"):
+        events.settings_from_inputs(*SETTINGS[:12], None)
+    with pytest.raises(ValueError, match="seed must be a whole number from 0 to"):
+        events.settings_from_inputs(*SETTINGS[:3], 2**60, *SETTINGS[4:])
 
 
-def test_auto_run_with_the_researcher_as_assistant_stops_for_their_reply(tiny_ui):
-    states, error = run_all(ui._generate(None, INTENT, SETTINGS, RESEARCHER, tiny_ui, None, None))
-    assert len(states) == 1 and [t.role for t in states[0].turns] == ["user"]
-    assert error is not None and "You are the assistant" in str(error)
+def test_auto_run_with_the_researcher_as_assistant_stops_for_their_reply(tiny):
+    outs = list(events.run_turns(None, INTENT, SETTINGS, RESEARCHER, tiny, None, None))
+    final = outs[-1]
+    assert [t.role for t in final[0].turns] == ["user"]
+    assert "You are the assistant" in final[2]  # the banner says why it stopped
 
 
-def test_bad_intent_and_wrong_role_raise_before_any_change(tiny_ui):
-    _states, error = run_all(ui._generate(None, "  ", SETTINGS, RESEARCHER, tiny_ui, None, 1))
-    assert error is not None and "intent" in str(error)
-    _states, error = run_all(ui._generate(None, INTENT, SETTINGS, RESEARCHER, tiny_ui, "assistant", 1))
-    assert error is not None and "user's turn" in str(error)
+def test_refusals_change_no_output_and_log_one_line(tiny, caplog):
+    with caplog.at_level(logging.INFO, logger="usersim_ui"):
+        outs = list(events.run_turns(None, "  ", SETTINGS, RESEARCHER, tiny, None, 1))
+        assert outs == [(SKIP,) * events.N_VIEW]
+        outs = list(events.run_turns(None, INTENT, SETTINGS, RESEARCHER, tiny, "assistant", 1))
+        assert outs == [(SKIP,) * events.N_VIEW]
+    lines = [r for r in caplog.records if r.getMessage().startswith("refused")]
+    assert len(lines) == 2 and all(r.exc_info is None for r in lines)
+    assert "user's turn" in lines[1].getMessage()
 
 
-def test_stop_between_turns_keeps_what_was_made(tiny_ui, smollm2):
-    gen = ui._generate(None, INTENT, SETTINGS, ["local", "", 0.7, 4, "", "", ""], tiny_ui, None, None)
+def test_stop_between_turns_keeps_what_was_made(tiny):
+    gen = events.run_turns(None, INTENT, SETTINGS, RESEARCHER[:1] + LOCAL[1:], tiny, None, None)
+    next(gen)  # the run has started (status shown)
     first = next(gen)[0]
-    ui._stop_event(tiny_ui.session_hash).set()
-    rest = [out[0] for out in gen]
-    assert len(first.turns) == 1 and rest and all(state.turns == first.turns for state in rest)
+    events.RUNS.stop(tiny)
+    rest = dialogues(gen)
+    assert len(first.turns) == 1 and rest[-1].turns == first.turns
 
 
-def test_a_guardrail_toggled_mid_run_applies_to_the_next_turn(tiny_ui, smollm2):
-    scripted = ["local", "", 0.7, 4, "", "", ""]
-    gen = ui._generate(None, INTENT, SETTINGS, scripted, tiny_ui, None, 3)
+def test_a_guardrail_toggled_mid_run_applies_to_the_next_turn(tiny, smollm2):
+    gen = events.run_turns(None, INTENT, SETTINGS, LOCAL, tiny, None, 3)
+    next(gen)
     first = next(gen)[0]
-    ui._live[tiny_ui.session_hash] = ui.settings_from_inputs(*SETTINGS[:5], False, *SETTINGS[6:])
-    last = [out[0] for out in gen][-1]
+    events.set_live_settings(tiny, events.settings_from_inputs(*SETTINGS[:5], False, *SETTINGS[6:]))
+    last = dialogues(gen)[-1]
     assert first.turns[0].guardrail_settings.first_token_filter is True
     assert last.turns[2].guardrail_settings.first_token_filter is False
 
 
-def test_render_shows_badges_rejected_samples_and_the_end():
+def test_regenerate_draws_a_new_seed_each_time(tiny):
+    made = dialogues(events.run_turns(None, INTENT, SETTINGS, RESEARCHER, tiny, "user", 1))[-1]
+    again = dialogues(events.run_turns(made, INTENT, SETTINGS, RESEARCHER, tiny, None, 1, regenerate=True))[-1]
+    third = dialogues(events.run_turns(again, INTENT, SETTINGS, RESEARCHER, tiny, None, 1, regenerate=True))[-1]
+    assert len(third.turns) == 1 and len({made.turns[0].seed, again.turns[0].seed, third.turns[0].seed}) == 3
+
+
+def test_render_shows_text_literally_and_badges_apart():
+    nasty = "<script>alert(1)</script><img src=x> and an open fence:\n```python\nprint('x')"
     dialogue = Dialogue(intent="x", ended_by="user", turns=(
-        Turn(role="user", text="a b c", words=3, p_end=0.2, rejected=(RejectedSample("too long text", "length: 40 words"),)),
-        Turn(role="assistant", text="ok", words=1),
+        Turn(role="user", text="a b c", words=3, p_end=0.2,
+             rejected=(RejectedSample("too <b>long</b> text", "length: 40 words"),),
+             guardrails=(GuardrailEvent("length", "resampled", "40 words"),)),
+        Turn(role="assistant", text=nasty, words=8),
         Turn(role="user", text="", p_end=0.9, ends_dialogue=True),
     ))
-    state, chat, banner, lengths, p_end, summary, transcript = ui.render(dialogue)
+    state, chat, banner, *_rest = events.render(dialogue)
     assert state is dialogue and "simulated user ended it" in banner
-    assert "#1 · p_end 0.200" in chat[0]["content"]
-    assert chat[1]["metadata"]["title"] == "Rejected samples (1)" and "length: 40 words" in chat[1]["content"]
-    assert "endconversation" in chat[-1]["content"] and "Ended by** user" in summary
+    assert chat[1]["metadata"]["title"].startswith("#1 · p_end 0.200")
+    assert "too &lt;b&gt;long&lt;/b&gt; text" in chat[1]["content"]
+    shown = chat[2]["content"]
+    assert "<script>" not in shown and "&lt;script&gt;" in shown and "&lt;img src=x&gt;" in shown
+    assert shown.endswith("print('x')\n```")  # the open fence is closed inside the message
+    assert chat[3]["metadata"]["title"].startswith("#2 ·")  # the badge is its own message
+    assert "endconversation" in chat[-2]["content"]
 
 
-def test_regenerate_draws_a_new_sample_of_the_last_turn(tiny_ui):
-    [made], _ = run_all(ui._generate(None, INTENT, SETTINGS, RESEARCHER, tiny_ui, "user", 1))
-    from usersim_ui.engine import undo
-
-    [again], _ = run_all(ui._generate(undo(made), INTENT, SETTINGS, RESEARCHER, tiny_ui, None, 1, reseed_from=made))
-    assert len(again.turns) == 1 and again.turns[0].seed != made.turns[0].seed
-    assert again.turns[0].sampling.seed == made.turns[0].sampling.seed + 2
+def test_buttons_that_cannot_act_are_disabled():
+    empty = control_states(None, "local", 3, busy=False)
+    assert empty["step"] and not empty["undo"] and not empty["export_jsonl"] and not empty["stop"]
+    waiting_for_you = Dialogue(intent="x", turns=(Turn("user", "hi there you"),))
+    you = control_states(waiting_for_you, "researcher", 3, busy=False)
+    assert you["send_reply"] and not you["next_assistant_turn"] and not you["step"] and not you["auto_run"]
+    over = control_states(Dialogue(intent="x", turns=waiting_for_you.turns, ended_by="user"), "local", 3, False)
+    assert not over["step"] and not over["auto_run"] and over["undo"]
+    capped = Dialogue(intent="x", turns=waiting_for_you.turns + (Turn("assistant", "ok"),), ended_by="turn_cap")
+    assert not control_states(capped, "local", 1, False)["step"] and control_states(capped, "local", 2, False)["step"]
+    busy = control_states(waiting_for_you, "local", 3, busy=True)
+    assert {name for name, on in busy.items() if on} == {"stop", "end_dialogue", "reset", "export_jsonl"}
