@@ -81,7 +81,11 @@ def test_a_researcher_session(page, tmp_path):
     set_number(page, "Min words", 300)
     click_and_wait(page, "Next user turn", 5)
     assert "length: resampled 1x" in badge_of(page, 5) and "retry_cap: gave_up" in badge_of(page, 5)
-    assert "Rejected samples (1)" in page.locator("#dialogue").inner_text()
+    page.locator("#dialogue").get_by_text("#5 ·").click()  # unfold the turn's details
+    page.wait_for_timeout(300)
+    assert "rejected (length:" in page.locator("#dialogue").inner_text()
+    page.locator("#dialogue").get_by_text("#5 ·").click()  # fold it again
+    page.wait_for_timeout(300)
     page.locator("#g-length input").uncheck()
     page.wait_for_timeout(500)
     click_and_wait(page, "Next assistant turn", 6)
@@ -128,3 +132,25 @@ def test_stop_midway_keeps_the_dialogue_and_the_app_usable(page):
     assert "Dialogue over" not in page.locator("#banner").inner_text()
     page.screenshot(path=SHOTS / "05-stopped.png", full_page=True)
     click_and_wait(page, "Step", kept + 2)  # usable after a stop
+
+
+def test_html_and_an_open_fence_in_a_reply_are_shown_as_written(page):
+    """Issue 6, case 9: the researcher types markup as the assistant; it shows literally."""
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.get_by_role("button", name="Reset", exact=True).click()
+    page.locator("#intent textarea").fill(INTENT)
+    page.get_by_label("You are the assistant (type the replies)").check()
+    click_and_wait(page, "Next user turn", 1)
+    nasty = "<script>alert(1)</script><img src=x> then code:\n```\nunclosed <b>fence</b>"
+    page.locator("#your-reply textarea").fill(nasty)
+    page.get_by_role("button", name="Send", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#dialogue').innerText.includes('#2 ·')", timeout=30_000)
+    page.wait_for_timeout(500)
+    shown = page.locator("#dialogue").inner_text()
+    assert "<script>alert(1)</script><img src=x> then code:" in shown
+    assert "unclosed <b>fence</b>" in shown and page.locator("#dialogue img[src=x]").count() == 0
+    assert re.search(r"#2 · \d+ words / \d+ tokens · typed by researcher", shown), shown[-300:]
+    assert dialogs == []
+    page.screenshot(path=SHOTS / "06-literal-html.png", full_page=True)
+    page.get_by_label("Local model (SmolLM2-135M-Instruct)").check()
