@@ -2,8 +2,13 @@
 
 import spaces  # noqa: F401  - before torch: ZeroGPU patches CUDA on import
 
+import os
+
 from usersim_ui.ui import build_app, simulator
 
 if __name__ == "__main__":
     simulator()  # load (and on first run convert) the models before the page opens
-    build_app().queue(default_concurrency_limit=1).launch(server_name="0.0.0.0")
+    port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
+    print(f"UserSim Studio: open http://localhost:{port}", flush=True)
+    build_app().queue(default_concurrency_limit=1).launch(
+        server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"), server_port=port)

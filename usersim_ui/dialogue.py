@@ -21,6 +21,7 @@ class GuardrailSettings:
 
     first_token_filter: bool = True
     banned_first_words: tuple[str, ...] = ("I", "You", "Here")
+    first_token_any_case: bool = False  # the published rule bans the words as written (+ leading space)
     no_early_ending: bool = True
     min_user_turns_before_end: int | None = None  # None: never end while on (the paper's setting)
     length_thresholds: bool = True

@@ -27,7 +27,7 @@ from .metrics import summary, turn_table
 from .run_control import Run, RunControl, RunRefused
 from .safe_text import literal_markdown
 from .seeds import turn_seed, validate_seed
-from .transcript import badge_line, end_line, to_markdown
+from .transcript import badge_line, to_markdown
 
 log = logging.getLogger("usersim_ui")
 EXPORT_ROOT = Path(tempfile.gettempdir()) / "usersim_exports"
@@ -69,16 +69,26 @@ def _number(value: Any, label: str, low: float, high: float, whole: bool = True)
     return number
 
 
+def banned_words_from_text(text: str | None) -> tuple[str, ...]:
+    """The first-token filter's word list from its comma-separated box."""
+    words = tuple(w.strip() for w in (text or "").split(",") if w.strip())
+    if len(words) > 50 or any(len(w) > 40 for w in words):
+        raise ValueError("The first-token word list takes at most 50 words of at most 40 characters.")
+    return words
+
+
 def settings_from_inputs(temperature: float, top_p: float, max_new_tokens: float, seed: float, max_turns: float,
                          first_token: bool, no_early_end: bool, min_turns_before_end: float, length: bool,
-                         min_words: float, max_words: float, repetition: bool, retry_cap: float) -> engine.RunSettings:
+                         min_words: float, max_words: float, repetition: bool, retry_cap: float,
+                         banned_words: str = "I, You, Here", any_case: bool = False) -> engine.RunSettings:
     """The run settings as the panel shows them; 0 minimum turns before ending means 'never end'."""
     min_w = int(_number(min_words, "Min words", 0, 1000))
     max_w = int(_number(max_words, "Max words", 1, 1000))
     if min_w > max_w:
         raise ValueError(f"Minimum words ({min_w}) is above maximum words ({max_w}).")
     guardrails = GuardrailSettings(
-        first_token_filter=bool(first_token), no_early_ending=bool(no_early_end),
+        first_token_filter=bool(first_token), banned_first_words=banned_words_from_text(banned_words),
+        first_token_any_case=bool(any_case), no_early_ending=bool(no_early_end),
         min_user_turns_before_end=int(_number(min_turns_before_end, "Min user turns before ending", 0, 100)) or None,
         length_thresholds=bool(length), min_words=min_w, max_words=max_w, verbatim_repetition=bool(repetition),
         retry_cap=int(_number(retry_cap, "Retry cap", 0, 32)),
@@ -136,6 +146,16 @@ def summary_markdown(dialogue: Dialogue) -> str:
             + (f" · **Context trims** {s['context_trims']}" if s["context_trims"] else ""))
 
 
+def over_text(dialogue: Dialogue) -> str:
+    """How the dialogue ended, in words."""
+    if dialogue.ended_by == "user":
+        at = next((n for n, t in enumerate(dialogue.turns, 1) if t.ends_dialogue), len(dialogue.turns))
+        return f"Dialogue over: the simulated user ended it at turn {at}."
+    if dialogue.ended_by == "turn_cap":
+        return f"Dialogue over: the turn cap was reached ({dialogue.user_turns} user turns). Raise it to go on."
+    return "Dialogue over: the researcher ended it."
+
+
 def status_text(dialogue: Dialogue, running: str | None = None, notice: str | None = None) -> str:
     """The line under the dialogue: what is happening now, or what happened last."""
     if running:
@@ -143,7 +163,7 @@ def status_text(dialogue: Dialogue, running: str | None = None, notice: str | No
     if notice:
         return notice
     if dialogue.ended_by:
-        return end_line(dialogue)
+        return over_text(dialogue)
     if dialogue.turns:
         return f"Next: the **{dialogue.next_role}**'s turn."
     return "Press **Step** or **Auto-run** to start."
@@ -291,6 +311,11 @@ def export_file(dialogue: Dialogue | None, session: str) -> str:
     path = folder / f"dialogue-{dialogue.id}.jsonl"
     path.write_text(dialogues_to_jsonl([dialogue]), encoding="utf-8")
     return str(path)
+
+
+def load_example(path: Path, session: str) -> tuple[Any, ...]:
+    """A gallery dialogue into the page, as an import would (refused while a run is in flight)."""
+    return import_file(str(path), session)
 
 
 def import_file(file: Any, session: str) -> tuple[Any, ...]:

@@ -35,11 +35,13 @@ class FirstTokenFilter(LogitsProcessor):
         return scores
 
 
-def banned_first_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int]:
-    """Single-token spellings of the banned words: case variants, with and without a leading space."""
+def banned_first_token_ids(tokenizer: Any, words: Sequence[str], any_case: bool = False) -> list[int]:
+    """Single-token spellings of the banned words, with and without a leading space: as written
+    (the published rule: "I", "You", "Here"), or also lower, upper and capitalised with ``any_case``."""
     ids: set[int] = set()
     for word in words:
-        for variant in {word, word.lower(), word.upper(), word.capitalize()}:
+        variants = {word, word.lower(), word.upper(), word.capitalize()} if any_case else {word}
+        for variant in variants:
             for spelled in (variant, " " + variant):
                 pieces = encode_plain(tokenizer, spelled)
                 if len(pieces) == 1:

@@ -50,7 +50,7 @@ class UserSimulator:
         self.format = prompt_format
         self.batched_retries = batched_retries
         self.stop_long_samples = stop_long_samples
-        self._banned: dict[tuple[str, ...], list[int]] = {}
+        self._banned: dict[tuple[tuple[str, ...], bool], list[int]] = {}
 
     @classmethod
     def from_pretrained(cls, model_id: str = USERLM_MODEL_ID, device: str | None = None,
@@ -86,10 +86,10 @@ class UserSimulator:
             cut = 2 if len(messages) >= 2 else 1
             messages, dropped = messages[cut:], dropped + cut
 
-    def banned_ids(self, words: tuple[str, ...]) -> list[int]:
-        if words not in self._banned:
-            self._banned[words] = banned_first_token_ids(self.tokenizer, words)
-        return self._banned[words]
+    def banned_ids(self, words: tuple[str, ...], any_case: bool = False) -> list[int]:
+        if (words, any_case) not in self._banned:
+            self._banned[(words, any_case)] = banned_first_token_ids(self.tokenizer, words, any_case)
+        return self._banned[(words, any_case)]
 
     # ---- one turn --------------------------------------------------------------------------
 
@@ -143,7 +143,8 @@ class UserSimulator:
         fitted = self.fit_prompt(dialogue.intent, dialogue.messages(), context_budget, sampling.max_new_tokens)
         prompt = fitted.ids
         processors: list[Any] = []
-        banned = self.banned_ids(guardrails.banned_first_words) if guardrails.first_token_filter else []
+        banned = (self.banned_ids(guardrails.banned_first_words, guardrails.first_token_any_case)
+                  if guardrails.first_token_filter else [])
         if banned:
             processors.append(FirstTokenFilter(banned, len(prompt)))
         masked_end = end_is_masked(guardrails, dialogue.user_turns)

@@ -14,6 +14,7 @@ import gradio as gr
 
 from . import engine, events
 from .dialogue import Dialogue
+from .examples import load_examples
 from .gpu import simulator
 from .intents import load_sample_intents
 from .limits import MAX_INTENT_CHARS, MAX_TURN_CHARS
@@ -35,8 +36,9 @@ class Page:
 
     state: Any
     intent: Any
-    settings: list[Any]
+    settings: list[Any]  # settings_from_inputs' positional arguments (the API's order)
     backend: list[Any]
+    extra: list[Any]  # settings added later, passed after the backend so API callers keep their order
     view: list[Any]
     buttons: dict[str, Any]
     your_reply: Any
@@ -48,9 +50,22 @@ class Page:
     you_box: Any
     info: Any
     chatbot: Any
+    gallery: Any
+    examples: list[Any]
 
 
 # ---- layout --------------------------------------------------------------------------------
+
+def _gallery() -> tuple[Any, list[Any]]:
+    """Finished example dialogues, one click to load (each label says which model made it)."""
+    examples = load_examples()
+    if not examples:
+        return None, []
+    with gr.Accordion("Example dialogues", open=False):
+        ds = gr.Dataset(components=[gr.Textbox(visible=False)], samples=[[e.label] for e in examples],
+                        type="index", label="Load a finished dialogue", elem_id="gallery")
+    return ds, examples
+
 
 def _intent_panel() -> Any:
     intent = gr.Textbox(label="Task intent", lines=3, max_length=MAX_INTENT_CHARS, elem_id="intent",
@@ -65,11 +80,18 @@ def _intent_panel() -> Any:
     return intent
 
 
-def _guardrail_panel() -> list[Any]:
+def _guardrail_panel() -> tuple[list[Any], list[Any]]:
     with gr.Accordion("Guardrails (apply to the next turn)", open=True):
-        first_token = gr.Checkbox(True, label="First-token filter (no 'I' / 'You' / 'Here' opening)", elem_id="g-first")
         with gr.Row():
-            no_early_end = gr.Checkbox(True, label="No early ending", elem_id="g-end")
+            first_token = gr.Checkbox(True, label="First-token filter", elem_id="g-first",
+                                      info="The user's turn may not open like an assistant's.")
+            banned_words = gr.Textbox("I, You, Here", label="Banned first words", elem_id="g-first-words",
+                                      max_length=2000)
+            any_case = gr.Checkbox(False, label="Any case", elem_id="g-first-case",
+                                   info="also 'i', 'YOU'...")
+        with gr.Row():
+            no_early_end = gr.Checkbox(True, label="No early ending", elem_id="g-end",
+                                       info="P(end) is still measured; the end token just cannot be drawn.")
             min_turns_end = gr.Number(0, label="Min user turns before ending (0 = never)", precision=0, minimum=0)
         with gr.Row():
             length = gr.Checkbox(True, label="Length thresholds", elem_id="g-length")
@@ -78,7 +100,8 @@ def _guardrail_panel() -> list[Any]:
         with gr.Row():
             repetition = gr.Checkbox(True, label="Verbatim repetition", elem_id="g-repeat")
             retry_cap = gr.Number(5, label="Retry cap", precision=0, minimum=0, maximum=32)
-    return [first_token, no_early_end, min_turns_end, length, min_words, max_words, repetition, retry_cap]
+    return [first_token, no_early_end, min_turns_end, length, min_words, max_words, repetition, retry_cap], \
+        [banned_words, any_case]
 
 
 def _sampling_panel(max_new_tokens: int, max_turns: int) -> list[Any]:
@@ -150,7 +173,11 @@ def _export_panel() -> tuple[Any, Any, Any, Any]:
             export_button = gr.Button("Export JSONL")
             export_file = gr.File(label="Download", interactive=False, elem_id="export-file")
             import_file = gr.File(label="Import JSONL", file_types=[".jsonl", ".json"], elem_id="import-file")
-        transcript = gr.Textbox(label="Transcript (Markdown)", lines=6, buttons=["copy"], elem_id="transcript")
+    with gr.Accordion("Transcript", open=False):
+        transcript_view = gr.Markdown(elem_id="transcript-view")
+        with gr.Accordion("Raw Markdown", open=False):
+            transcript = gr.Textbox(label="Transcript (Markdown)", lines=6, buttons=["copy"], elem_id="transcript")
+    transcript.change(lambda text: text, [transcript], [transcript_view], api_name=False, queue=False)
     return export_button, export_file, import_file, transcript
 
 
@@ -163,7 +190,8 @@ def _layout(max_new_tokens: int, assistant_max_tokens: int, max_turns: int) -> P
             chatbot, banner, buttons, you_box, your_reply, edit_no, edit_text = _dialogue_panel()
         with gr.Column(scale=2, min_width=320):
             intent = _intent_panel()
-            guardrails = _guardrail_panel()
+            gallery, examples = _gallery()
+            guardrails, extra = _guardrail_panel()
             sampling = _sampling_panel(max_new_tokens, max_turns)
             backend, openai_box = _assistant_panel(assistant_max_tokens)
     summary_md, lengths_plot, p_end_plot = _charts_panel()
@@ -171,8 +199,8 @@ def _layout(max_new_tokens: int, assistant_max_tokens: int, max_turns: int) -> P
     temperature, top_p, new_tokens, seed, turn_cap = sampling
     settings = [temperature, top_p, new_tokens, seed, turn_cap, *guardrails]
     view = [state, chatbot, banner, lengths_plot, p_end_plot, summary_md, transcript]
-    return Page(state, intent, settings, backend, view, buttons, your_reply, edit_no, edit_text, export_file,
-                import_file, openai_box, you_box, info, chatbot)
+    return Page(state, intent, settings, backend, extra, view, buttons, your_reply, edit_no, edit_text, export_file,
+                import_file, openai_box, you_box, info, chatbot, gallery, examples)
 
 
 # ---- controls ------------------------------------------------------------------------------
@@ -220,12 +248,13 @@ def _controls(page: Page) -> Any:
 # ---- wiring --------------------------------------------------------------------------------
 
 def _wire_runs(page: Page, update: Any, lock: Any, outputs: list[Any], refresh_inputs: list[Any]) -> None:
-    n_set = len(page.settings)
-    inputs = [page.state, page.intent, *page.settings, *page.backend]
+    n_set, n_back = len(page.settings), len(page.backend)
+    inputs = [page.state, page.intent, *page.settings, *page.backend, *page.extra]
 
     def handler(role: str | None, max_new: int | None, regenerate: bool, event: str):
         def run(request: gr.Request, dialogue, intent_text, *values):
-            yield from events.run_turns(dialogue, intent_text, list(values[:n_set]), list(values[n_set:]),
+            settings = list(values[:n_set]) + list(values[n_set + n_back:])
+            yield from events.run_turns(dialogue, intent_text, settings, list(values[n_set:n_set + n_back]),
                                         events.session_of(request), role, max_new, regenerate, event)
         return run
 
@@ -273,7 +302,7 @@ def _wire_edits(page: Page) -> None:
 
     def send(request: gr.Request, dialogue, intent_text, text, *values):
         return events.send_reply(dialogue, intent_text, text, list(values), events.session_of(request))
-    send_inputs = [page.state, page.intent, page.your_reply, *page.settings]
+    send_inputs = [page.state, page.intent, page.your_reply, *page.settings, *page.extra]
     page.buttons["send_reply"].click(send, send_inputs, page.view + [page.your_reply], api_name="send_reply")
     page.your_reply.submit(send, send_inputs, page.view + [page.your_reply], api_name=False)
 
@@ -287,6 +316,11 @@ def _wire_files(page: Page) -> None:
         return events.import_file(file, events.session_of(request))
     page.import_file.upload(load, [page.import_file], page.view + [page.intent], api_name="import_jsonl")
 
+    if page.gallery is not None:
+        def load_example(request: gr.Request, index: int):
+            return events.load_example(page.examples[index].path, events.session_of(request))
+        page.gallery.click(load_example, [page.gallery], page.view + [page.intent], api_name="load_example")
+
 
 def _wire_settings(page: Page) -> None:
     def update_live(request: gr.Request, *values):
@@ -294,7 +328,8 @@ def _wire_settings(page: Page) -> None:
             events.set_live_settings(events.session_of(request), events.settings_from_inputs(*values))
         except ValueError as exc:
             gr.Warning(str(exc))
-    gr.on([c.change for c in page.settings], update_live, page.settings, None, api_name="update_settings",
+    live_inputs = page.settings + page.extra
+    gr.on([c.change for c in live_inputs], update_live, live_inputs, None, api_name="update_settings",
           concurrency_limit=None)
 
     def show_backend(kind):
