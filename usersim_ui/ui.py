@@ -162,8 +162,8 @@ def _dialogue_panel() -> tuple[Any, Any, dict[str, Any], Any, Any, Any, Any]:
 def _charts_panel() -> tuple[Any, Any, Any]:
     summary_md = gr.Markdown(elem_id="summary")
     with gr.Row():
-        p_end_plot = gr.Plot(label="P(end)", elem_id="pend-plot")
-        lengths_plot = gr.Plot(label="Turn lengths", elem_id="lengths-plot")
+        p_end_plot = gr.Plot(label="P(end)", elem_id="pend-plot", min_width=360)
+        lengths_plot = gr.Plot(label="Turn lengths", elem_id="lengths-plot", min_width=360)
     return summary_md, lengths_plot, p_end_plot
 
 

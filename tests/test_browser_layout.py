@@ -1,0 +1,102 @@
+"""The page as a stakeholder sees it, at 1440x900 and on a 400 px phone: what is visible
+without scrolling, what comes first, chart titles inside their plots, and controls that
+are disabled while a run is in flight. Screenshots land in artifacts/screenshots/."""
+
+from __future__ import annotations
+
+import pytest
+
+from test_browser import CHROMIUM, INTENT, SHOTS, TURN_TIMEOUT, sync_api
+
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(not CHROMIUM, reason="Debian's chromium is not installed")]
+
+TITLES_INSIDE = """sel => {
+  const plot = document.querySelector(sel + ' .js-plotly-plot');
+  if (!plot) return null;
+  const box = plot.getBoundingClientRect();
+  return [...plot.querySelectorAll('.gtitle, .g-xtitle text, .g-ytitle text')].map(t => {
+    const r = t.getBoundingClientRect();
+    return {text: t.textContent, inside: r.top >= box.top - 1 && r.left >= box.left - 1 &&
+            r.bottom <= box.bottom + 1 && r.right <= box.right + 1 && r.width > 0};
+  });
+}"""
+
+
+@pytest.fixture(scope="module")
+def app_url(smollm2):
+    from usersim_ui.ui import build_app
+
+    demo = build_app(max_new_tokens=24, max_turns=3).queue(default_concurrency_limit=1)
+    _app, url, _share = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        yield browser
+        browser.close()
+
+
+def open_page(browser, url, width, height):
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.goto(url)
+    page.get_by_role("button", name="Step", exact=True).wait_for()
+    return page
+
+
+def box(page, selector):
+    return page.locator(selector).first.bounding_box()
+
+
+def test_desktop_shows_toggles_beside_the_dialogue_and_disables_controls_during_a_run(browser, app_url):
+    page = open_page(browser, app_url, 1440, 900)
+    dialogue, toggle, length = box(page, "#dialogue"), box(page, "#g-first"), box(page, "#g-length")
+    assert toggle["x"] > dialogue["x"] + dialogue["width"] - 5  # beside it, to the right
+    assert length["y"] + length["height"] <= 900  # in the first viewport, no scrolling
+    step, stop = page.get_by_role("button", name="Step", exact=True), page.get_by_role("button", name="Stop", exact=True)
+    assert step.is_enabled() and stop.is_disabled()
+
+    page.locator("#intent textarea").fill(INTENT)
+    page.get_by_role("button", name="Auto-run", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#banner').innerText.includes('Writing')", timeout=30_000)
+    assert step.is_disabled() and stop.is_enabled()
+    assert page.get_by_role("button", name="Undo last turn", exact=True).is_disabled()
+    page.screenshot(path=SHOTS / "layout-1440-running.png")
+    page.wait_for_function("() => document.querySelector('#dialogue').innerText.includes('#1 ·')",
+                           timeout=TURN_TIMEOUT)
+    stop.click()
+    page.get_by_text("Stopped. The dialogue so far is kept.").first.wait_for(timeout=60_000)
+    page.wait_for_timeout(500)
+    assert step.is_enabled() and stop.is_disabled()
+    page.get_by_role("button", name="Undo last turn", exact=True).wait_for()
+    assert page.get_by_role("button", name="Undo last turn", exact=True).is_enabled()
+
+    for plot in ("#pend-plot", "#lengths-plot"):
+        page.locator(f"{plot} .js-plotly-plot").wait_for()
+        titles = page.evaluate(TITLES_INSIDE, plot)
+        assert titles and all(t["inside"] for t in titles), titles
+    page.screenshot(path=SHOTS / "layout-1440.png", full_page=True)
+
+    # the chat box's own Clear button clears the dialogue, not just the view
+    page.locator("#dialogue button[aria-label='Clear']").first.click()
+    page.wait_for_function("() => !document.querySelector('#dialogue').innerText.includes('#1 ·')")
+    page.wait_for_timeout(500)
+    assert page.get_by_role("button", name="Undo last turn", exact=True).is_disabled()  # nothing left to undo
+    page.close()
+
+
+def test_phone_puts_the_dialogue_first_and_charts_stack(browser, app_url):
+    page = open_page(browser, app_url, 400, 900)
+    dialogue, intent, guardrail = box(page, "#dialogue"), box(page, "#intent"), box(page, "#g-first")
+    assert dialogue["y"] < intent["y"] < guardrail["y"]
+    assert dialogue["width"] <= 400
+    p_end, lengths = box(page, "#pend-plot"), box(page, "#lengths-plot")
+    assert lengths["y"] >= p_end["y"] + p_end["height"] - 5  # stacked, not side by side
+    page.screenshot(path=SHOTS / "layout-400.png", full_page=True)
+    page.close()
