@@ -285,3 +285,18 @@ def test_exports_replace_each_other_in_the_sessions_folder_which_goes_with_the_s
     assert [p.suffix for p in folder.iterdir()] == [".jsonl"]
     events.RUNS.forget(client.session_hash)  # what the page's unload does
     assert not folder.exists()
+
+
+def test_every_gallery_example_loads_in_one_call_and_names_its_models(app_url):
+    from usersim_ui.examples import load_examples
+
+    examples = load_examples()
+    assert len(examples) >= 3
+    client = gradio_client.Client(app_url, verbose=False)
+    for index, example in enumerate(examples):
+        out = client.predict(index, api_name="/load_example")
+        assert out[-1] == example.dialogue.intent and f"#{len(example.dialogue.turns)} ·" in json.dumps(out[0], ensure_ascii=False)
+        record = dialogue_of(client)
+        assert record["id"] == example.dialogue.id and record["user_model"] and record["assistant_model"]
+        # honest labels: the offline examples were made by the prompted baseline, and say so
+        assert "prompted user baseline" in record["user_model"] or "UserLM" in record["user_model"]
