@@ -4,6 +4,8 @@ are disabled while a run is in flight. Screenshots land in artifacts/screenshots
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from test_browser import CHROMIUM, INTENT, SHOTS, TURN_TIMEOUT, sync_api
@@ -88,7 +90,17 @@ def test_desktop_shows_toggles_beside_the_dialogue_and_disables_controls_during_
     page.wait_for_function("() => !document.querySelector('#dialogue').innerText.includes('#1 ·')")
     page.wait_for_timeout(500)
     assert page.get_by_role("button", name="Undo last turn", exact=True).is_disabled()  # nothing left to undo
+
+    # closing the tab releases what the session held (demo.unload)
+    from usersim_ui.events import RUNS
+
+    held = RUNS.sessions()
     page.close()
+    for _ in range(50):
+        if RUNS.sessions() < held:
+            break
+        time.sleep(0.1)
+    assert RUNS.sessions() == held - 1
 
 
 def test_phone_puts_the_dialogue_first_and_charts_stack(browser, app_url):

@@ -117,3 +117,26 @@ def test_buttons_that_cannot_act_are_disabled():
     assert not control_states(capped, "local", 1, False)["step"] and control_states(capped, "local", 2, False)["step"]
     busy = control_states(waiting_for_you, "local", 3, busy=True)
     assert {name for name, on in busy.items() if on} == {"stop", "end_dialogue", "reset", "export_jsonl"}
+
+
+def test_only_local_model_turns_take_a_gpu_slice(tiny, monkeypatch):
+    from loopback_openai import LoopbackOpenAI
+
+    calls: list[str] = []
+    real = gpu.model_turn_stream
+
+    def counted(dialogue, *args):
+        calls.append(dialogue.next_role)
+        return real(dialogue, *args)
+    monkeypatch.setattr(gpu, "model_turn_stream", counted)
+    server = LoopbackOpenAI("trickle", delay_s=0.0, words=4)
+    try:
+        endpoint = ["openai", "", 0.7, 16, server.url, "loopback", ""]
+        made = dialogues(events.run_turns(None, INTENT, SETTINGS, endpoint, tiny, None, 2))[-1]
+        assert [t.role for t in made.turns] == ["user", "assistant"] and calls == ["user"]
+        typed = events.send_reply(made, INTENT, "I typed this user turn myself", SETTINGS, tiny)[0]
+        assert typed.turns[-1].author == "researcher" and calls == ["user"]
+        assert typed.turns[-1].tokens == len(gpu.simulator().tokenizer.encode("I typed this user turn myself",
+                                                                             add_special_tokens=False))
+    finally:
+        server.close()
