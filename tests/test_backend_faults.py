@@ -57,3 +57,16 @@ def test_stop_cuts_a_streamed_reply_short(server):
     with pytest.raises(GenerationCancelled):
         OpenAIAssistant(server.url, "loopback", timeout_s=5).reply(MESSAGES, stop)
     assert time.perf_counter() - started < 1.5
+
+
+def test_a_local_assistant_refuses_a_prompt_longer_than_its_context_before_any_compute(smollm2):
+    from usersim_ui.backends import TransformersAssistant
+    from usersim_ui.limits import ContextTooLong
+
+    context = smollm2.model.config.max_position_embeddings
+    assistant = TransformersAssistant(smollm2, max_new_tokens=256)
+    long_turn = [{"role": "user", "content": "coffee " * (context - 100)}]
+    started = time.perf_counter()
+    with pytest.raises(ContextTooLong, match=rf"whose context holds {context:,} including the 256"):
+        assistant.reply(long_turn)
+    assert time.perf_counter() - started < 5  # refused from the token count, no forward pass
