@@ -68,9 +68,9 @@ def lengths_figure(dialogue: Dialogue, table: pd.DataFrame | None = None) -> go.
         rows = table.loc[table["role"] == role]
         hover = [f"Turn {n} ({role}): {w} words" + (f", cut at {w} words" if cut else "")
                  for n, w, cut in zip(rows["turn"], rows["words"], rows["truncated"])]
-        fig.add_bar(x=rows["turn"], y=rows["words"], name=f"{role} words", marker_color=colour, width=0.5,
+        fig.add_bar(x=rows["turn"].tolist(), y=rows["words"].tolist(), name=f"{role} words", marker_color=colour, width=0.5,
                     hovertext=hover, hovertemplate="%{hovertext}<extra></extra>")
-        fig.add_scatter(x=rows["turn"], y=rows["tokens"], name=f"{role} tokens", mode="markers",
+        fig.add_scatter(x=rows["turn"].tolist(), y=rows["tokens"].tolist(), name=f"{role} tokens", mode="markers",
                         marker=dict(color=colour, symbol="diamond-open", size=10),
                         hovertemplate=f"Turn %{{x}} ({role}): %{{y}} tokens<extra></extra>")
     rejected = [(n, len(r.text.split()), r.reason) for n, turn in enumerate(dialogue.turns, 1) for r in turn.rejected]
@@ -155,7 +155,7 @@ def guardrail_figure(dialogue: Dialogue, table: pd.DataFrame | None = None) -> g
                  + (f"<br>{d}" if d else "")
                  for n, g, c, d in zip(events["turn"], events["guardrail"], counts, events["detail"])]
         fig.add_scatter(
-            x=events["turn"], y=[GUARDRAIL_LABELS.get(g, g) for g in events["guardrail"]], name=label,
+            x=events["turn"].tolist(), y=[GUARDRAIL_LABELS.get(g, g) for g in events["guardrail"]], name=label,
             mode="markers+text" if action == "resampled" else "markers",
             text=[f"{c}x" for c in counts] if action == "resampled" else None, textposition="middle right",
             textfont=dict(size=11, color=ACTION_COLOURS[action]),
