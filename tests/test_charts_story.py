@@ -122,6 +122,9 @@ def test_recorded_settings_shade_an_end_masked_too_quietly_for_an_event():
     assert list(turn_table(d)["end_masked"]) == [True] + [False] * 6
     shapes = p_end_figure(d).to_plotly_json()["layout"]["shapes"]
     assert [(s["x0"] + s["x1"]) / 2 for s in shapes] == pytest.approx([1])
+    marks = [(x, y, t["name"]) for t in guardrail_figure(d).to_plotly_json()["data"] for x, y in zip(t["x"], t["y"])]
+    assert marks == [(1, "no early ending", "masked")]
+    assert "guardrails acted 1x (no early ending 1)" in summary_text(d)
 
 
 # ---- guardrails and lengths ----------------------------------------------------------------
@@ -218,3 +221,13 @@ def test_p_end_axis_title_is_a_sentence():
     layout = p_end_figure(story()).to_plotly_json()["layout"]
     assert layout["yaxis"]["title"]["text"] == "Probability the user ends here"
     assert layout["title"]["text"].startswith("End-of-conversation probability")
+
+
+def test_an_exact_zero_stays_on_the_log_axis_and_says_zero():
+    d = Dialogue(intent="x", turns=(Turn(role="user", text="a", p_end=0.0), Turn(role="assistant", text="b"),
+                                    Turn(role="user", text="c", p_end=5e-5)))
+    fig = p_end_figure(d).to_plotly_json()
+    low, _ = fig["layout"]["yaxis"]["range"]
+    points = next(t for t in fig["data"] if t.get("mode") == "lines+markers")
+    assert low < math.log10(points["y"][0]) < math.log10(5e-5) and points["y"][1] == 5e-5
+    assert "P(end) = 0" in points["hovertext"][0] and low < math.log10(5e-5) - 0.2

@@ -23,7 +23,6 @@ WOULD_HAVE_COLOUR = "#7c3aed"
 
 TOP_MARGIN = 70
 LEGEND_ROW_PX = 24
-P_END_FLOOR = 1e-12  # where an exact zero is drawn on the log axis (the hover still says 0)
 REJECTED_OFFSET = 0.3  # rejected samples sit beside their turn's bar, not on it
 
 P_END_TITLE = "End-of-conversation probability per user turn"
@@ -105,8 +104,11 @@ def p_end_figure(dialogue: Dialogue, table: pd.DataFrame | None = None, *, log: 
     masked, ends = list(user["end_masked"]), list(user["ends"])
     would = [float(v) for v in user["would_have_ended"]]
 
+    y_range = _log_range(p_end + would)
+    floor = 10 ** (y_range[0] + 0.1)  # an exact zero is drawn at the bottom of the log axis; its hover says 0
+
     def shown(values: list[float]) -> list[float]:
-        return [max(v, P_END_FLOOR) for v in values] if log else values
+        return [v if v > 0 else floor for v in values] if log else values
 
     fig = go.Figure()
     for k, n in enumerate(n for n, m in zip(turns, masked) if m):
@@ -133,7 +135,7 @@ def p_end_figure(dialogue: Dialogue, table: pd.DataFrame | None = None, *, log: 
     fig = _layout(fig, P_END_TITLE, P_END_Y_TITLE, legend_rows=2, height=380)
     fig.update_xaxes(range=_turn_range(dialogue))
     if log:
-        fig.update_yaxes(type="log", range=_log_range(p_end + would), exponentformat="power", dtick=1)
+        fig.update_yaxes(type="log", range=y_range, exponentformat="power", dtick=1)
     else:
         fig.update_yaxes(type="linear", range=[0, 1.05])
     return fig

@@ -91,17 +91,28 @@ def turn_table(dialogue: Dialogue) -> pd.DataFrame:
 
 
 def guardrail_table(dialogue: Dialogue) -> pd.DataFrame:
-    """One row per guardrail event: which guardrail acted on which turn, how, and how many times
-    (``count`` is the number of resamples for ``resampled``, 1 otherwise)."""
-    rows = [{"turn": number, "guardrail": e.guardrail, "action": e.action,
-             "count": e.count if e.action == "resampled" else 1, "detail": e.detail,
-             "probability_removed": e.probability_removed}
-            for number, turn in enumerate(dialogue.turns, 1) for e in turn.guardrails]
+    """One row per guardrail action: which guardrail acted on which turn, how, and how many times
+    (``count`` is the number of resamples for ``resampled``, 1 otherwise).
+
+    Besides the recorded events, a user turn whose recorded settings masked the end gets a
+    ``no_early_ending`` row even where the simulator wrote no event (it only does from P(end) 0.01
+    up): on a baseline with P(end) near 1e-4 the end is masked on every turn, and the charts say so."""
+    rows, user_before = [], 0
+    for number, turn in enumerate(dialogue.turns, 1):
+        rows += [{"turn": number, "guardrail": e.guardrail, "action": e.action,
+                  "count": e.count if e.action == "resampled" else 1, "detail": e.detail,
+                  "probability_removed": e.probability_removed} for e in turn.guardrails]
+        if end_was_masked(turn, user_before) and not any(e.guardrail == "no_early_ending" for e in turn.guardrails):
+            rows.append({"turn": number, "guardrail": "no_early_ending", "action": "masked", "count": 1,
+                         "detail": f"end (p={format_probability(turn.p_end)}), too small for an event; masked by the settings",
+                         "probability_removed": turn.p_end})
+        user_before += turn.role == "user"
     return pd.DataFrame(rows, columns=GUARDRAIL_COLUMNS).astype({"turn": int, "count": int, "probability_removed": float})
 
 
 def guardrail_actions(dialogue: Dialogue) -> dict[str, int]:
-    """How many times each guardrail acted (a resample counts once per rejected sample), in acting order."""
+    """How many times each guardrail acted (a resample counts once per rejected sample, a masked end
+    once per turn, recorded or not: see :func:`guardrail_table`), in acting order."""
     table = guardrail_table(dialogue)
     totals = table.groupby("guardrail")["count"].sum().to_dict() if len(table) else {}
     return {k: int(totals[k]) for k in GUARDRAIL_LABELS if k in totals}
@@ -111,8 +122,8 @@ def summary(dialogue: Dialogue) -> dict[str, Any]:
     """The numbers of the summary strip.
 
     ``mean_p_end`` averages over the user turns that have a P(end): researcher-typed turns have none
-    and must not pull the mean down. ``guardrail_activations`` counts events per guardrail,
-    ``guardrail_actions`` counts each resample separately."""
+    and must not pull the mean down. ``guardrail_activations`` counts the recorded events per
+    guardrail; ``guardrail_actions`` counts each resample and each masked end (:func:`guardrail_table`)."""
     user = [t for t in dialogue.turns if t.role == "user"]
     scored = [t.p_end for t in user if t.p_end is not None]
     activations = Counter(e.guardrail for t in dialogue.turns for e in t.guardrails)
