@@ -186,7 +186,8 @@ def test_summary_text_in_plain_english():
     assert "**Still running**" in summary_text(open_one, running=True)
     assert "**Not ended yet**" in summary_text(open_one) and "running" not in summary_text(open_one)
     researcher = Dialogue(intent="x", ended_by="researcher", turns=(Turn(role="user", text="hi", author="researcher"),))
-    assert summary_text(researcher) == "**1 turn** (1 user) · **Ended by the researcher** · no guardrail acted · 0.00 resamples per user turn"
+    assert summary_text(researcher) == ("**1 turn** (1 user) · **Ended by the researcher** · no guardrail acted · "
+                                        "0.00 resamples per user turn")
 
 
 def test_mean_p_end_skips_user_turns_without_one():

@@ -86,7 +86,7 @@ def lengths_figure(dialogue: Dialogue, table: pd.DataFrame | None = None) -> go.
 
 
 def _log_range(values: list[float]) -> list[float]:
-    """log10 axis range from a decade below the smallest value up to just above 1."""
+    """log10 axis range from below the decade of the smallest value (1e-4 at least) up to just above 1."""
     positive = [v for v in values if v > 0]
     low = math.floor(math.log10(min(positive))) if positive else -4
     return [min(low, -4) - 0.3, 0.15]
