@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from usersim_ui.charts import lengths_figure, p_end_figure
+from usersim_ui.charts import ENDED_NAME, P_END_NAME, guardrail_figure, lengths_figure, p_end_figure
 from usersim_ui.dialogue import Dialogue, GuardrailEvent, RejectedSample, Turn
 from usersim_ui.metrics import summary, turn_table
 
@@ -34,7 +34,11 @@ def test_figures_carry_the_numbers_and_survive_an_empty_dialogue():
     assert list(user_words.y) == [3, 4, 0] and list(user_words.x) == [1, 3, 5]
     p_end = p_end_figure(dialogue())
     traces = {t.name: t for t in p_end.data}
-    assert list(traces["p_end"].y) == [0.01, 0.62, 0.9]
-    assert list(traces["end masked by guardrail"].x) == [3] and list(traces["user ended"].x) == [5]
+    assert list(traces[P_END_NAME].y) == [0.01, 0.62, 0.9] and list(traces[P_END_NAME].x) == [1, 3, 5]
+    masked_bands = [s for s in p_end.layout.shapes if s.x0 < 3 < s.x1]
+    assert len(p_end.layout.shapes) == 1 and len(masked_bands) == 1
+    assert list(traces[ENDED_NAME].x) == [5]
     empty = Dialogue(intent="x")
-    assert all(len(t.x) == 0 for t in p_end_figure(empty).data + lengths_figure(empty).data)
+    figures = p_end_figure(empty).data + lengths_figure(empty).data + guardrail_figure(empty).data
+    assert figures and all(len(t.x) == 0 for t in figures)
+    assert not p_end_figure(empty).layout.shapes
