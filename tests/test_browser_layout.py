@@ -13,13 +13,17 @@ from test_browser import CHROMIUM, INTENT, SHOTS, TURN_TIMEOUT, sync_api
 pytestmark = [pytest.mark.browser, pytest.mark.skipif(not CHROMIUM, reason="Debian's chromium is not installed")]
 
 TITLES_INSIDE = """sel => {
+  // the visible box: the page's plot container, not plotly's own (possibly wider) SVG
   const plot = document.querySelector(sel + ' .js-plotly-plot');
   if (!plot) return null;
-  const box = plot.getBoundingClientRect();
+  const box = document.querySelector(sel).getBoundingClientRect();
+  const covers = [...document.querySelectorAll(sel + ' label, ' + sel + ' [data-testid="block-label"]')]
+    .map(e => e.getBoundingClientRect()).filter(r => r.width > 0);
   return [...plot.querySelectorAll('.gtitle, .g-xtitle text, .g-ytitle text')].map(t => {
     const r = t.getBoundingClientRect();
+    const hidden = covers.some(c => c.left < r.right && r.left < c.right && c.top < r.bottom && r.top < c.bottom);
     return {text: t.textContent, inside: r.top >= box.top - 1 && r.left >= box.left - 1 &&
-            r.bottom <= box.bottom + 1 && r.right <= box.right + 1 && r.width > 0};
+            r.bottom <= box.bottom + 1 && r.right <= box.right + 1 && r.width > 0 && !hidden};
   });
 }"""
 
@@ -79,7 +83,7 @@ def test_desktop_shows_toggles_beside_the_dialogue_and_disables_controls_during_
     page.get_by_role("button", name="Undo last turn", exact=True).wait_for()
     assert page.get_by_role("button", name="Undo last turn", exact=True).is_enabled()
 
-    for plot in ("#pend-plot", "#lengths-plot"):
+    for plot in ("#pend-plot", "#guardrail-plot", "#lengths-plot"):
         page.locator(f"{plot} .js-plotly-plot").wait_for()
         titles = page.evaluate(TITLES_INSIDE, plot)
         assert titles and all(t["inside"] for t in titles), titles

@@ -23,11 +23,11 @@ from .dialogue import Dialogue, GuardrailSettings, SamplingSettings, dialogues_f
 from .generation import GenerationCancelled
 from .gpu import USER_ERRORS, run_model_turn, simulator, uses_local_model
 from .limits import MAX_IMPORT_BYTES, MAX_IMPORT_DIALOGUES, MAX_TURN_CHARS, MAX_TURNS
-from .metrics import summary, turn_table
+from .metrics import turn_table
 from .run_control import Run, RunControl, RunRefused
 from .safe_text import literal_markdown
 from .seeds import turn_seed, validate_seed
-from .transcript import badge_line, to_markdown
+from .transcript import badge_line, summary_text, to_markdown
 
 log = logging.getLogger("usersim_ui")
 EXPORT_ROOT = Path(tempfile.gettempdir()) / "usersim_exports"
@@ -138,14 +138,6 @@ def chat_messages(dialogue: Dialogue) -> list[dict[str, Any]]:
     return messages
 
 
-def summary_markdown(dialogue: Dialogue) -> str:
-    s = summary(dialogue)
-    acts = ", ".join(f"{k} {v}" for k, v in s["guardrail_activations"].items()) or "none"
-    return (f"**Turns** {s['turns']} ({s['user_turns']} user) · **Ended by** {s['ended_by']} · "
-            f"**Guardrail activations** {acts} · **Mean resamples / user turn** {s['mean_resamples_per_user_turn']:.2f}"
-            + (f" · **Context trims** {s['context_trims']}" if s["context_trims"] else ""))
-
-
 def over_text(dialogue: Dialogue) -> str:
     """How the dialogue ended, in words."""
     if dialogue.ended_by == "user":
@@ -173,7 +165,7 @@ def render(dialogue: Dialogue, running: str | None = None, notice: str | None = 
     """Every view of the dialogue, in the order of the page's ``view`` outputs."""
     table = turn_table(dialogue)
     return (dialogue, chat_messages(dialogue), status_text(dialogue, running, notice), lengths_figure(dialogue, table),
-            p_end_figure(dialogue, table), summary_markdown(dialogue), to_markdown(dialogue))
+            p_end_figure(dialogue, table), summary_text(dialogue, running=bool(running)), to_markdown(dialogue))
 
 
 def running_text(dialogue: Dialogue, settings: engine.RunSettings, run: Run) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 import gradio as gr
 
 from . import engine, events
+from .charts import guardrail_figure
 from .dialogue import Dialogue
 from .examples import load_examples
 from .gpu import simulator
@@ -159,11 +160,15 @@ def _dialogue_panel() -> tuple[Any, Any, dict[str, Any], Any, Any, Any, Any]:
     return chatbot, banner, buttons, you_box, your_reply, edit_no, edit_text
 
 
-def _charts_panel() -> tuple[Any, Any, Any]:
+def _charts_panel(state: Any) -> tuple[Any, Any, Any]:
     summary_md = gr.Markdown(elem_id="summary")
     with gr.Row():
-        p_end_plot = gr.Plot(label="P(end)", elem_id="pend-plot", min_width=360)
-        lengths_plot = gr.Plot(label="Turn lengths", elem_id="lengths-plot", min_width=360)
+        p_end_plot = gr.Plot(label="P(end)", show_label=False, elem_id="pend-plot", min_width=360)
+        guard_plot = gr.Plot(label="Guardrails", show_label=False, elem_id="guardrail-plot", min_width=360)
+        lengths_plot = gr.Plot(label="Turn lengths", show_label=False, elem_id="lengths-plot", min_width=360)
+    # derived from the state, so that the API's outputs stay as they were
+    state.change(lambda d: guardrail_figure(d or Dialogue(intent="")), [state], [guard_plot], api_name=False,
+                 queue=False)
     return summary_md, lengths_plot, p_end_plot
 
 
@@ -194,7 +199,7 @@ def _layout(max_new_tokens: int, assistant_max_tokens: int, max_turns: int) -> P
             guardrails, extra = _guardrail_panel()
             sampling = _sampling_panel(max_new_tokens, max_turns)
             backend, openai_box = _assistant_panel(assistant_max_tokens)
-    summary_md, lengths_plot, p_end_plot = _charts_panel()
+    summary_md, lengths_plot, p_end_plot = _charts_panel(state)
     buttons["export_jsonl"], export_file, import_file, transcript = _export_panel()
     temperature, top_p, new_tokens, seed, turn_cap = sampling
     settings = [temperature, top_p, new_tokens, seed, turn_cap, *guardrails]
