@@ -66,22 +66,24 @@ def test_desktop_shows_toggles_beside_the_dialogue_and_disables_controls_during_
     assert toggle["x"] > dialogue["x"] + dialogue["width"] - 5  # beside it, to the right
     assert length["y"] + length["height"] <= 900  # in the first viewport, no scrolling
     step, stop = page.get_by_role("button", name="Step", exact=True), page.get_by_role("button", name="Stop", exact=True)
-    assert step.is_enabled() and stop.is_disabled()
+    expect = sync_api.expect
+    expect(step).to_be_enabled()
+    expect(stop).to_be_disabled()
 
     page.locator("#intent textarea").fill(INTENT)
     page.get_by_role("button", name="Auto-run", exact=True).click()
     page.wait_for_function("() => document.querySelector('#banner').innerText.includes('Writing')", timeout=30_000)
-    assert step.is_disabled() and stop.is_enabled()
-    assert page.get_by_role("button", name="Undo last turn", exact=True).is_disabled()
+    expect(step).to_be_disabled()
+    expect(stop).to_be_enabled()
+    expect(page.get_by_role("button", name="Undo last turn", exact=True)).to_be_disabled()
     page.screenshot(path=SHOTS / "layout-1440-running.png")
     page.wait_for_function("() => document.querySelector('#dialogue').innerText.includes('#1 ·')",
                            timeout=TURN_TIMEOUT)
     stop.click()
     page.get_by_text("Stopped. The dialogue so far is kept.").first.wait_for(timeout=60_000)
-    page.wait_for_timeout(500)
-    assert step.is_enabled() and stop.is_disabled()
-    page.get_by_role("button", name="Undo last turn", exact=True).wait_for()
-    assert page.get_by_role("button", name="Undo last turn", exact=True).is_enabled()
+    expect(step).to_be_enabled(timeout=30_000)
+    expect(stop).to_be_disabled(timeout=30_000)
+    expect(page.get_by_role("button", name="Undo last turn", exact=True)).to_be_enabled(timeout=30_000)
 
     for plot in ("#pend-plot", "#guardrail-plot", "#lengths-plot"):
         page.locator(f"{plot} .js-plotly-plot").wait_for()
@@ -92,19 +94,23 @@ def test_desktop_shows_toggles_beside_the_dialogue_and_disables_controls_during_
     # the chat box's own Clear button clears the dialogue, not just the view
     page.locator("#dialogue button[aria-label='Clear']").first.click()
     page.wait_for_function("() => !document.querySelector('#dialogue').innerText.includes('#1 ·')")
-    page.wait_for_timeout(500)
-    assert page.get_by_role("button", name="Undo last turn", exact=True).is_disabled()  # nothing left to undo
+    expect(page.get_by_role("button", name="Undo last turn", exact=True)).to_be_disabled()  # nothing to undo
 
     # closing the tab releases what the session held (demo.unload)
     from usersim_ui.events import RUNS
 
-    held = RUNS.sessions()
-    page.close()
-    for _ in range(50):
-        if RUNS.sessions() < held:
-            break
-        time.sleep(0.1)
-    assert RUNS.sessions() == held - 1
+    forgotten: list[tuple[str, dict]] = []
+    release = RUNS.on_forget
+    RUNS.on_forget = lambda session, data: (forgotten.append((session, data)), release(session, data))
+    try:
+        page.close()
+        for _ in range(100):
+            if forgotten:
+                break
+            time.sleep(0.1)
+    finally:
+        RUNS.on_forget = release
+    assert len(forgotten) == 1 and "settings" in forgotten[0][1]  # the session that ran, with its data
 
 
 def test_phone_puts_the_dialogue_first_and_charts_stack(browser, app_url):
@@ -112,7 +118,14 @@ def test_phone_puts_the_dialogue_first_and_charts_stack(browser, app_url):
     dialogue, intent, guardrail = box(page, "#dialogue"), box(page, "#intent"), box(page, "#g-first")
     assert dialogue["y"] < intent["y"] < guardrail["y"]
     assert dialogue["width"] <= 400
+    page.get_by_role("button", name="Example dialogues").click()
+    page.locator("#gallery button").first.click()  # one click loads a finished dialogue
+    page.wait_for_function("() => document.querySelector('#dialogue').innerText.includes('#2 ·')", timeout=30_000)
+    page.locator("#pend-plot .js-plotly-plot").wait_for()
     p_end, lengths = box(page, "#pend-plot"), box(page, "#lengths-plot")
     assert lengths["y"] >= p_end["y"] + p_end["height"] - 5  # stacked, not side by side
+    for plot in ("#pend-plot", "#guardrail-plot", "#lengths-plot"):
+        titles = page.evaluate(TITLES_INSIDE, plot)
+        assert titles and all(t["inside"] for t in titles), titles
     page.screenshot(path=SHOTS / "layout-400.png", full_page=True)
     page.close()

@@ -80,7 +80,7 @@ def lengths_figure(dialogue: Dialogue, table: pd.DataFrame | None = None) -> go.
         hovertext=[f"Turn {n}: rejected sample of {w} words" + (f" ({why})" if why else "") for n, w, why in rejected],
         hovertemplate="%{hovertext}<extra></extra>")
     fig.update_layout(barmode="overlay")
-    fig = _layout(fig, "Turn lengths: accepted turns and rejected samples", "Words / tokens", legend_rows=2)
+    fig = _layout(fig, "Turn lengths, with rejected samples", "Words / tokens", legend_rows=2)
     fig.update_xaxes(range=_turn_range(dialogue))
     return fig
 
