@@ -163,19 +163,23 @@ def test_stop_reaches_a_run_that_waits_for_the_model(app_url):
     assert dialogue_of(client) is None  # no turn was made
 
 
-def test_an_endpoint_turn_takes_no_model_slot_so_other_sessions_go_on(app_url, trickle):
+def test_an_endpoint_turn_takes_no_model_slot_so_other_sessions_go_on(app_url):
     """Issue cases 3 and 7: a trickling endpoint does not hold the model for everyone."""
-    alice = gradio_client.Client(app_url, verbose=False)
-    bob = gradio_client.Client(app_url, verbose=False)
-    call(alice, "/next_user_turn")
-    job = submit(alice, "/next_assistant_turn", **via(trickle))  # 6 s
-    time.sleep(0.5)
-    started = time.perf_counter()
-    call(bob, "/next_user_turn")
-    assert time.perf_counter() - started < 5 and not job.done()
-    job.result(timeout=30)
-    assert texts(dialogue_of(alice))[1].startswith("w0") and len(texts(dialogue_of(bob))) == 1
-    assert dialogue_of(bob)["intent"] == INTENT
+    slow = LoopbackOpenAI("trickle", delay_s=0.75, words=80)  # a 60 s reply
+    try:
+        alice = gradio_client.Client(app_url, verbose=False)
+        bob = gradio_client.Client(app_url, verbose=False)
+        call(alice, "/next_user_turn")
+        job = submit(alice, "/next_assistant_turn", **via(slow))
+        while not slow.requests:
+            time.sleep(0.1)
+        call(bob, "/next_user_turn")  # a model turn, while Alice's endpoint turn is streaming
+        assert not job.done() and len(texts(dialogue_of(bob))) == 1
+        alice.predict(api_name="/stop")
+        job.result(timeout=30)
+        assert len(texts(dialogue_of(alice))) == 1 and dialogue_of(bob)["intent"] == INTENT
+    finally:
+        slow.close()
 
 
 def test_refusals_leave_every_output_and_a_raised_cap_reopens(app_url):

@@ -34,7 +34,7 @@ def test_a_trickling_server_hits_the_overall_deadline(server):
     started = time.perf_counter()
     with pytest.raises(BackendError, match=r"loopback @ .* did not finish its reply within 1 s"):
         OpenAIAssistant(server.url, "loopback", timeout_s=5, deadline_s=1).reply(MESSAGES)
-    assert time.perf_counter() - started < 3  # not the 15 s the reply would take
+    assert time.perf_counter() - started < 6  # not the 15 s the reply would take
 
 
 @pytest.mark.parametrize("server", [{"mode": "garbage"}], indirect=True)
@@ -56,7 +56,7 @@ def test_stop_cuts_a_streamed_reply_short(server):
     started = time.perf_counter()
     with pytest.raises(GenerationCancelled):
         OpenAIAssistant(server.url, "loopback", timeout_s=5).reply(MESSAGES, stop)
-    assert time.perf_counter() - started < 1.5
+    assert time.perf_counter() - started < 4  # not the 10 s the reply would take
 
 
 def test_a_local_assistant_refuses_a_prompt_longer_than_its_context_before_any_compute(smollm2):

@@ -91,7 +91,7 @@ def test_stop_ends_a_turn_in_the_forked_worker_within_a_token(zerogpu):
     assert made >= 20
     per_token = (ticks[-1] - ticks[0]) / max(1, len(ticks) - 1)
     # closing returns once the worker has wound down: one more token at most, plus the round trip
-    assert closed - stopped_at < max(1.0, 5 * per_token), (closed - stopped_at, per_token)
+    assert closed - stopped_at < max(2.0, 5 * per_token), (closed - stopped_at, per_token)
     assert closed - started < 60  # 3000 tokens would take far longer than this
     # the worker is reused for the next turn, with its own stop event cleared
     again = gpu.run_model_turn(Dialogue(intent=INTENT), replace(long_turn_settings(), sampling=SamplingSettings(
