@@ -20,8 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
-def measure(stream_fn, repeats: int, after: int) -> tuple[list[float], list[int]]:
-    """Seconds from Stop to the stream's close returning, and heartbeats seen, per turn."""
+def measure(stream_fn, repeats: int, after: int) -> tuple[list[float], list[float]]:
+    """Seconds from Stop to the stream's close returning, and seconds per token, per turn."""
     from usersim_ui import engine
     from usersim_ui.defaults import BackendSpec
     from usersim_ui.dialogue import Dialogue, GuardrailSettings, SamplingSettings
@@ -29,17 +29,19 @@ def measure(stream_fn, repeats: int, after: int) -> tuple[list[float], list[int]
     off = GuardrailSettings(first_token_filter=False, no_early_ending=False, length_thresholds=False,
                             verbatim_repetition=False)
     settings = engine.RunSettings(guardrails=off, sampling=SamplingSettings(max_new_tokens=3000), context_budget=4096)
-    latencies, extra = [], []
+    latencies, per_token = [], []
     for seed in range(repeats):
         stream = stream_fn(Dialogue(intent="You want a cake recipe."), settings, BackendSpec(), seed)
+        first = None
         for made in stream:
+            first = first or (time.perf_counter(), made)
             if made >= after:
                 pressed = time.perf_counter()
+                per_token.append((pressed - first[0]) / max(1, made - first[1]))
                 stream.close()
                 latencies.append(time.perf_counter() - pressed)
-                extra.append(made)
                 break
-    return latencies, extra
+    return latencies, per_token
 
 
 def main() -> None:
@@ -64,9 +66,10 @@ def main() -> None:
     forked_fn = wrappers.generator_function_wrapper(gpu.model_turn_stream, gpu.gpu_seconds, None)
     forked = measure(forked_fn, args.repeats, args.after)
     print(f"Stop after {args.after} heartbeats, {args.repeats} turns each, tiny UserLM-shaped model, {os.cpu_count()} CPUs")
-    print(f"{'path':<26}{'median stop→return (ms)':>26}{'max (ms)':>10}")
-    for name, (lat, _made) in (("in-process generator", local), ("forked worker (spaces)", forked)):
-        print(f"{name:<26}{statistics.median(lat) * 1e3:>26.1f}{max(lat) * 1e3:>10.1f}")
+    print(f"{'path':<26}{'median stop→return (ms)':>26}{'max (ms)':>10}{'ms per token':>14}{'tokens':>8}")
+    for name, (lat, tok) in (("in-process generator", local), ("forked worker (spaces)", forked)):
+        median, per = statistics.median(lat), statistics.median(tok)
+        print(f"{name:<26}{median * 1e3:>26.1f}{max(lat) * 1e3:>10.1f}{per * 1e3:>14.1f}{median / per:>8.1f}")
     print(f"ratio forked / in-process (median): {statistics.median(forked[0]) / statistics.median(local[0]):.1f}x")
 
 

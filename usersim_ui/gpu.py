@@ -3,7 +3,8 @@
 On a ZeroGPU Space ``@spaces.GPU`` runs :func:`model_turn_stream` in a forked, reused worker
 process: arguments and yields are pickled across; an Event made in the main process is a
 fork-time copy there. So the stop signal is made *inside* the worker, generation runs in a
-thread beside it, and the function yields a heartbeat per token. The main process
+thread beside it, and the function yields a heartbeat per token (and every 20 ms between
+tokens, since the worker looks at its stop event only when the function yields). The main process
 (:func:`run_model_turn`) checks its own Stop between heartbeats and closes the stream; closing
 sets the worker's stop event, the worker closes our generator at its next yield, and its
 ``finally`` stops ``generate()`` within one more token. Outside ZeroGPU the decorator is a
@@ -34,6 +35,7 @@ from .simulator import UserSimulator
 # Errors a researcher can act on: shown as a message, never as a traceback.
 USER_ERRORS = (ValueError, BackendError, engine.DialogueOver, engine.NeedsResearcher, ContextTooLong)
 GPU_SECONDS_MAX = 120  # ZeroGPU refuses ("illegal duration") much more than this on a shared GPU
+HEARTBEAT_S = 0.02  # a yield at least this often, token or not: ZeroGPU's worker sees Stop only at a yield
 _DONE = object()
 
 _simulator: UserSimulator | None = None
@@ -99,7 +101,11 @@ def model_turn_stream(dialogue: Dialogue, settings: engine.RunSettings, spec: Ba
     made = 0
     try:
         while True:
-            item = ticks.get()
+            try:
+                item = ticks.get(timeout=HEARTBEAT_S)
+            except queue.Empty:
+                yield made  # no new token yet (a long prefill, a slow step): still a chance to stop
+                continue
             while item is not _DONE:  # coalesce heartbeats that queued up
                 made += 1
                 try:
