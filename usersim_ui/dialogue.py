@@ -267,7 +267,10 @@ def dialogues_from_jsonl(text: str, max_text_chars: int | None = None, max_turns
                          max_dialogues: int | None = None) -> list[Dialogue]:
     """Every dialogue of a JSONL text; a ValueError names the line and the field of the first bad one."""
     out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # JSONL lines end at "\n" only: str.splitlines() would also split at U+0085, U+2028 and
+    # U+2029, which json.dumps(ensure_ascii=False) leaves raw inside strings.
+    for lineno, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         if max_dialogues is not None and len(out) >= max_dialogues:
