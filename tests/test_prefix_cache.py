@@ -200,3 +200,11 @@ def with_cache_loaded(sim):
 def test_common_prefix_length():
     assert common_prefix_length([1, 2, 3], [1, 2, 4]) == 2
     assert common_prefix_length([], [1]) == 0 and common_prefix_length([1, 2], [1, 2, 3]) == 2
+
+
+def test_the_default_cache_is_bounded_by_memory(llama_tok, model):
+    sim = UserSimulator(LoadedModel(model, llama_tok, "tiny-userlm", "cpu"), UserLMFormat(llama_tok))
+    c = model.config
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+    assert sim.prefix_cache.max_tokens == 64 * 2**20 // per_token  # 64 MiB on a CPU
+    assert PrefixCache.for_model(model, max_bytes=per_token * 10).max_tokens == 10

@@ -18,7 +18,10 @@ threads working on one dialogue never share a cache object, and an entry whose g
 failed or was cancelled (its tensors possibly half-updated) is simply never put back.
 
 Memory is bounded: least-recently-used entries go first when there are more than
-``max_dialogues`` entries or more than ``max_tokens`` cached tokens in all.
+``max_dialogues`` entries or more than ``max_tokens`` cached tokens in all. A cached token
+costs ``2 x layers x kv_heads x head_dim x bytes``: 128 KiB for Llama-3-8B in bf16, so the
+default 16,000 tokens hold up to 2 GiB beside the 16 GB of weights (the cache lives on the
+model's device).
 
 Batched retries (``num_return_sequences > 1``): the cache is *expanded per row* (a copy,
 ``batch_repeat_interleave``) rather than dropped: the retry round then prefills one token
@@ -53,6 +56,17 @@ def crop_to(cache: Any, length: int) -> None:
         cache.crop(-extra)
 
 
+def kv_bytes_per_token(config: Any, dtype_bytes: int) -> int:
+    """Bytes one cached token takes over all layers (keys and values); 0 if the config says too little."""
+    try:
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return int(2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes)
+    except (AttributeError, TypeError, ZeroDivisionError):
+        return 0
+
+
 @dataclass
 class CacheEntry:
     ids: list[int]  # the prompt ids the cache covers, one batch row
@@ -75,7 +89,22 @@ class CacheStats:
 class PrefixCache:
     """Per-dialogue prompt KV caches with LRU eviction by count and by total tokens."""
 
-    def __init__(self, max_dialogues: int = 32, max_tokens: int = 64_000):
+    @classmethod
+    def for_model(cls, model: Any, max_bytes: int | None = None, max_dialogues: int = 32) -> "PrefixCache":
+        """A cache bounded by memory: ``max_tokens`` = ``max_bytes`` / the model's KV bytes per token
+        (default budget: 2 GiB on a GPU, 64 MiB on a CPU, where it shares RAM with everything)."""
+        config = getattr(model, "config", None)
+        try:
+            device = next(model.parameters()).device
+            dtype_bytes = next(model.parameters()).element_size()
+        except (AttributeError, StopIteration, TypeError):
+            return cls(max_dialogues=max_dialogues)
+        if max_bytes is None:
+            max_bytes = 2 * 2**30 if device.type == "cuda" else 64 * 2**20
+        per_token = kv_bytes_per_token(config, dtype_bytes)
+        return cls(max_dialogues=max_dialogues, max_tokens=max(1, max_bytes // per_token) if per_token else 16_000)
+
+    def __init__(self, max_dialogues: int = 32, max_tokens: int = 16_000):
         if max_dialogues < 1 or max_tokens < 1:
             raise ValueError("a prefix cache needs room for at least one dialogue and one token")
         self.max_dialogues, self.max_tokens = max_dialogues, max_tokens

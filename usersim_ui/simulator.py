@@ -69,8 +69,8 @@ class UserSimulator:
 
     def __init__(self, loaded: LoadedModel, prompt_format: PromptFormat, batched_retries: bool = True,
                  stop_long_samples: bool = True, prefix_cache: PrefixCache | None = _DEFAULT_CACHE):
-        """``prefix_cache``: the per-dialogue prompt KV cache (default: a fresh :class:`PrefixCache`;
-        ``None``: every turn prefills its whole prompt)."""
+        """``prefix_cache``: the per-dialogue prompt KV cache (default: a :class:`PrefixCache` bounded
+        by memory, see :meth:`PrefixCache.for_model`; ``None``: every turn prefills its whole prompt)."""
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.model_id = loaded.model_id
@@ -79,7 +79,8 @@ class UserSimulator:
         self.batched_retries = batched_retries
         self.stop_long_samples = stop_long_samples
         self._banned: dict[tuple[str, ...], list[int]] = {}
-        self.prefix_cache: PrefixCache | None = PrefixCache() if prefix_cache is _DEFAULT_CACHE else prefix_cache
+        self.prefix_cache: PrefixCache | None = (PrefixCache.for_model(self.model) if prefix_cache is _DEFAULT_CACHE
+                                                  else prefix_cache)
         self.last_prefilled_tokens = 0  # prompt tokens the last generate_turn prefilled, over all its rows
 
     @classmethod
