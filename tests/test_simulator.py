@@ -250,3 +250,11 @@ def test_the_recorded_seed_reproduces_the_turn(tiny_sim):
     made = tiny_sim.generate_turn(dialogue, settings, replace(FAST, seed=3))
     again = tiny_sim.generate_turn(dialogue, settings, replace(FAST, seed=12345), seed=made.seed)
     assert made.seed is not None and (again.text, again.tokens, again.seed) == (made.text, made.tokens, made.seed)
+
+
+def test_a_turn_kept_after_the_retry_cap_says_it_was_cut_even_from_a_padded_batch_row(llama_tok):
+    sim = userlm_sim(llama_tok)  # random weights: far more than 2 words before any stop token
+    settings = replace(OFF, length_thresholds=True, min_words=1, max_words=2, retry_cap=3)
+    turn = sim.generate_turn(Dialogue(intent=INTENT), settings, replace(FAST, max_new_tokens=40))
+    assert any(e.action == "gave_up" for e in turn.guardrails) and len(turn.rejected) == 3
+    assert turn.words > 2 and turn.truncated  # stopped early at the word limit, and the record says so

@@ -3,6 +3,7 @@ its first step, shared by the user simulator and the local assistant backend."""
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from dataclasses import dataclass
@@ -47,19 +48,27 @@ class Sample:
     first_logits: torch.Tensor  # raw, before any processor or temperature: shape (vocab,)
     latency_s: float
     truncated: list[bool]  # per sample: no stop token came (max_new_tokens or a stopping criterion cut it)
+    cache: Any = None  # with ``return_cache``: generate's KV cache (prompt + generated tokens, one row)
+    prefilled_tokens: int = 0  # prompt tokens this call had to prefill (the rest came from ``past_key_values``)
 
 
 def sample(model: Any, prompt_ids: Sequence[int], *, stop_ids: Sequence[int], temperature: float, top_p: float,
            max_new_tokens: int, seed: int, processors: Sequence[LogitsProcessor] = (),
            stop_event: threading.Event | None = None, pad_id: int | None = None, num_samples: int = 1,
            stopping: Sequence[StoppingCriteria] = (), keep_ids: Sequence[int] = (),
-           on_token: Callable[[], None] | None = None) -> Sample:
+           on_token: Callable[[], None] | None = None, past_key_values: Any = None,
+           return_cache: bool = False) -> Sample:
     """Sample ``num_samples`` continuations of one prompt in one batch (greedy at temperature 0,
     where one sample is all there is).
 
     ``keep_ids`` also end a sample but stay in it (UserLM's ``<|endconversation|>``: the turn
     ends there and what would follow is junk). Raises :class:`GenerationCancelled` if
     ``stop_event`` fires.
+
+    ``past_key_values``: a one-row KV cache over a strict prefix of ``prompt_ids`` (see
+    ``prefix_cache``); only the rest is prefilled. It is used up (generate grows it); for
+    ``num_samples > 1`` a per-row copy is made and the original is left as it was.
+    ``return_cache``: hand back generate's cache (one sample only) so that it can be kept.
     """
     stop_event = stop_event or threading.Event()
     if stop_event.is_set():
@@ -70,17 +79,28 @@ def sample(model: Any, prompt_ids: Sequence[int], *, stop_ids: Sequence[int], te
     if not do_sample and num_samples > 1:
         raise ValueError("greedy decoding gives one sample; ask for num_samples=1 at temperature 0")
     ends = list(stop_ids) + [k for k in keep_ids if k not in stop_ids]
+    cached = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
+    if cached >= len(prompt_ids):
+        raise ValueError(f"the cache covers {cached} tokens of a {len(prompt_ids)}-token prompt; at least one must be new")
+    batch_ids, repeat = input_ids, num_samples
+    extra: dict[str, Any] = {}
+    if past_key_values is not None:
+        if num_samples > 1:  # generate expands input tensors, not a cache: expand both here
+            past_key_values = copy.deepcopy(past_key_values)
+            past_key_values.batch_repeat_interleave(num_samples)
+            batch_ids, repeat = input_ids.repeat_interleave(num_samples, dim=0), 1
+        extra["past_key_values"] = past_key_values
     torch.manual_seed(seed)
     started = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+            input_ids=batch_ids, attention_mask=torch.ones_like(batch_ids), **extra,
             do_sample=do_sample, temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
             top_k=None, max_new_tokens=max_new_tokens, eos_token_id=ends,
             pad_token_id=pad_id if pad_id is not None else stop_ids[0],
             logits_processor=LogitsProcessorList(processors),
             stopping_criteria=StoppingCriteriaList([StopOnEvent(stop_event, on_token), *stopping]),
-            num_return_sequences=num_samples, return_dict_in_generate=True, output_logits=True,
+            num_return_sequences=repeat, return_dict_in_generate=True, output_logits=True,
         )
     latency = time.perf_counter() - started
     if stop_event.is_set():
@@ -93,4 +113,6 @@ def sample(model: Any, prompt_ids: Sequence[int], *, stop_ids: Sequence[int], te
             rows.append(row)
         else:
             rows.append(row[:end + 1] if row[end] in keep_ids else row[:end])
-    return Sample(rows, out.logits[0][0].float().cpu(), latency, truncated)
+    cache = getattr(out, "past_key_values", None) if return_cache and num_samples == 1 else None
+    return Sample(rows, out.logits[0][0].float().cpu(), latency, truncated, cache=cache,
+                  prefilled_tokens=len(prompt_ids) - cached)

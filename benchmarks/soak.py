@@ -1,0 +1,294 @@
+"""Soak: the launched app on the offline defaults, N concurrent gradio_client sessions
+auto-running dialogues (each session its own intent) against an OpenAI-compatible assistant
+on loopback that is killed and restarted midway.
+
+Checked at the end (``check(report)``): no lost turn (each session's export holds every turn
+its last reply showed), no cross-session leak (each export has its session's intent), errors
+only on runs that overlapped the assistant's death and that name the endpoint, RSS at the end
+within 15% of RSS after warm-up. Reported: the p50/p95 wait of a queued run for the model
+(``usersim_ui.events.RUNS.waits_s``).
+
+    python -m benchmarks.soak --sessions 8 --duration 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SETTINGS = dict(temperature=1.0, top_p=0.8, max_new_tokens=12, seed=0, max_turns=2, first_token=True,
+                no_early_end=True, min_turns_end=0, length=True, min_words=1, max_words=1000, repetition=True,
+                retry_cap=1)
+BACKEND = dict(backend_kind="openai", system_prompt="Be brief.", a_temperature=0.7, a_max_tokens=16,
+               base_url="", model_name="loopback", api_key="")
+TOPICS = ["plan a weekend in Lisbon", "fix a leaking tap", "learn the basics of chess", "bake rye bread",
+          "choose a first telescope", "write a cover letter", "start running at 40", "repot an orchid",
+          "set up a budget spreadsheet", "train a puppy to sit", "pick a laptop for coding", "brew cold coffee"]
+
+
+# ---- the assistant: a loopback OpenAI server in its own process, on a fixed port ----------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_assistant(port: int, delay_s: float, words: int) -> None:
+    """Run tests/loopback_openai's trickle handler on ``port`` until killed."""
+    from http.server import ThreadingHTTPServer
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from loopback_openai import LoopbackOpenAI
+
+    template = LoopbackOpenAI("trickle", delay_s=delay_s, words=words)
+    handler = template.server.RequestHandlerClass
+    template.close()
+    ThreadingHTTPServer.allow_reuse_address = True
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    server.daemon_threads = True
+    server.serve_forever()
+
+
+class Assistant:
+    """The assistant process: start, kill (SIGKILL: in-flight replies are cut), restart on the same port."""
+
+    def __init__(self, port: int, delay_s: float = 0.02, words: int = 8):
+        self.port, self.delay_s, self.words = port, delay_s, words
+        self.url = f"http://127.0.0.1:{port}/v1"
+        self.proc: subprocess.Popen | None = None
+        self.down: list[tuple[float, float]] = []  # (killed at, back at) in time.monotonic()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.soak", "--serve-assistant", str(self.port),
+                                      "--delay", str(self.delay_s), "--words", str(self.words)], cwd=ROOT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("the loopback assistant did not come up")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+        self.down.append((time.monotonic(), float("inf")))
+
+    def restart(self) -> None:
+        self.start()
+        self.down[-1] = (self.down[-1][0], time.monotonic())
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+
+
+# ---- sessions ------------------------------------------------------------------------------
+
+@dataclass
+class RunRecord:
+    session: int
+    started: float
+    ended: float
+    banner: str
+    shown: list[tuple[str, str]]  # (role, content) of the turn bubbles the last reply showed
+    exported: dict | None
+    refused: bool = False
+
+
+@dataclass
+class SessionLog:
+    intent: str
+    runs: list[RunRecord] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # exceptions raised to the client
+
+
+def text_of(content: Any) -> str:
+    """A Chatbot message's content as text (gradio returns content-block lists)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(text_of(c) for c in content)
+    if isinstance(content, dict):
+        return str(content.get("text") or content.get("content") or "")
+    return str(content)
+
+
+def bubbles(chat: list[dict]) -> list[tuple[str, str]]:
+    return [(m["role"], text_of(m["content"])) for m in chat if not (m.get("metadata") or {}).get("title")]
+
+
+def export_of(client: Any) -> dict | None:
+    try:
+        return json.loads(Path(client.predict(api_name="/export_jsonl")).read_text().splitlines()[0])
+    except Exception as exc:  # noqa: BLE001 - gradio_client wraps the app's error
+        if "Nothing to export" in str(exc):
+            return None
+        raise
+
+
+def session_loop(index: int, url: str, assistant_url: str, deadline: float, log: SessionLog) -> None:
+    import gradio_client
+
+    client = gradio_client.Client(url, verbose=False)
+    values = {**SETTINGS, **BACKEND, "base_url": assistant_url, "seed": index}
+    settings, backend = [values[k] for k in SETTINGS], [values[k] for k in BACKEND]
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        try:
+            out = client.predict(log.intent, *settings, *backend, api_name="/auto_run")
+            ended = time.monotonic()
+            refused = all(isinstance(o, dict) and o.get("__type__") == "update" for o in out)
+            chat, banner = (out[0], out[1]) if not refused else ([], "")
+            log.runs.append(RunRecord(index, started, ended, banner or "", bubbles(chat or []), export_of(client),
+                                      refused))
+            client.predict(log.intent, api_name="/reset")  # a fresh dialogue for the next run
+        except Exception as exc:  # noqa: BLE001 - recorded and asserted on
+            log.errors.append(f"{type(exc).__name__}: {exc}")
+            time.sleep(0.5)
+
+
+# ---- the soak ------------------------------------------------------------------------------
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_soak(sessions: int = 8, duration_s: float = 300.0, kill_at: float = 0.4, down_s: float = 5.0,
+             warmup_s: float | None = None) -> dict[str, Any]:
+    """Run the soak and return its report (see :func:`check`)."""
+    from usersim_ui import events
+    from usersim_ui.gpu import simulator
+    from usersim_ui.ui import build_app
+
+    simulator()  # load the offline models before the clock starts
+    assistant = Assistant(free_port())
+    assistant.start()
+    demo = build_app().queue(default_concurrency_limit=sessions + 2)
+    _app, url, _share = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    logs = [SessionLog(f"You want to {TOPICS[i % len(TOPICS)]} (session {i}).") for i in range(sessions)]
+    begin = time.monotonic()
+    deadline = begin + duration_s
+    threads = [threading.Thread(target=session_loop, args=(i, url, assistant.url, deadline, logs[i]), daemon=True)
+               for i in range(sessions)]
+    waits_before = len(events.RUNS.waits_s)
+    rss: dict[str, float] = {"start": rss_mb()}
+    try:
+        for t in threads:
+            t.start()
+        warm_at = begin + (warmup_s if warmup_s is not None else duration_s * 0.2)
+        killed = False
+        while any(t.is_alive() for t in threads):
+            now = time.monotonic()
+            if "warm" not in rss and now >= warm_at:
+                rss["warm"] = rss_mb()
+            if not killed and now >= begin + duration_s * kill_at:
+                assistant.kill()
+                killed = True
+                time.sleep(down_s)
+                assistant.restart()
+            time.sleep(0.2)
+        for t in threads:
+            t.join()
+        rss["end"] = rss_mb()
+    finally:
+        assistant.stop()
+        demo.close()
+    waits = list(events.RUNS.waits_s)[waits_before:]
+    q = statistics.quantiles(waits, n=20) if len(waits) >= 2 else [0.0] * 19
+    return {"sessions": sessions, "duration_s": duration_s, "logs": logs, "down": assistant.down, "rss_mb": rss,
+            "waits": len(waits), "wait_p50_s": statistics.median(waits) if waits else 0.0, "wait_p95_s": q[18],
+            "runs": sum(len(log.runs) for log in logs),
+            "turns": sum(len(r.exported["messages"]) for log in logs for r in log.runs if r.exported)}
+
+
+def check(report: dict[str, Any], grace_s: float = 2.0) -> list[str]:
+    """Every violation of the soak's promises (an empty list: all held)."""
+    problems: list[str] = []
+    down = report["down"]
+    for log in report["logs"]:
+        problems += [f"session '{log.intent}': client error {e}" for e in log.errors]
+        for run in log.runs:
+            where = f"session {run.session} run at {run.started:.1f}"
+            if run.refused:
+                problems.append(f"{where}: refused")
+                continue
+            exported = run.exported
+            shown = run.shown
+            if exported is None:
+                if shown:
+                    problems.append(f"{where}: showed {len(shown)} turns, exported none (lost)")
+                continue
+            if exported["intent"] != log.intent:
+                problems.append(f"{where}: leak: exported intent {exported['intent']!r}")
+            roles = [m["role"] for m in exported["messages"]]
+            if [r for r, _ in shown] != roles:
+                problems.append(f"{where}: lost turns: showed {len(shown)} ({[r for r, _ in shown]}), "
+                                f"exported {len(roles)} ({roles})")
+            for (role, content), message in zip(shown, exported["messages"]):
+                if role == "assistant" and message["content"].split()[:1] != content.split()[:1]:
+                    problems.append(f"{where}: turn text differs: {content[:40]!r} vs {message['content'][:40]!r}")
+            if "⚠" in run.banner:
+                overlaps = any(run.started <= back + grace_s and run.ended >= dead for dead, back in down)
+                if "loopback @" not in run.banner or not overlaps:
+                    problems.append(f"{where}: an error that is not the dead endpoint's: {run.banner[:200]!r}")
+    rss = report["rss_mb"]
+    if "warm" in rss and rss["end"] > rss["warm"] * 1.15:
+        problems.append(f"RSS grew from {rss['warm']:.0f} MB after warm-up to {rss['end']:.0f} MB (> 15%)")
+    return problems
+
+
+def summary(report: dict[str, Any]) -> str:
+    errors = sum("⚠" in r.banner for log in report["logs"] for r in log.runs)
+    rss = report["rss_mb"]
+    return (f"{report['sessions']} sessions x {report['duration_s']:.0f} s: {report['runs']} auto-runs, "
+            f"{report['turns']} turns exported, {errors} runs ended on the dead endpoint "
+            f"(assistant down {[round(b - a, 1) for a, b in report['down']]} s); "
+            f"RSS {rss.get('start', 0):.0f} MB at start, {rss.get('warm', float('nan')):.0f} MB after warm-up, "
+            f"{rss['end']:.0f} MB at the end; wait for the model over {report['waits']} queued turns: "
+            f"p50 {report['wait_p50_s']:.2f} s, p95 {report['wait_p95_s']:.2f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--duration", type=float, default=300.0)
+    parser.add_argument("--down", type=float, default=5.0, help="seconds the assistant stays dead")
+    parser.add_argument("--serve-assistant", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--delay", type=float, default=0.02, help=argparse.SUPPRESS)
+    parser.add_argument("--words", type=int, default=8, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_assistant is not None:
+        serve_assistant(args.serve_assistant, args.delay, args.words)
+        return
+    report = run_soak(args.sessions, args.duration, down_s=args.down)
+    print(summary(report))
+    problems = check(report)
+    print("all checks held" if not problems else "PROBLEMS:\n" + "\n".join(problems))
+    sys.exit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""The next user turns of several dialogues in one ``generate()`` call.
+
+Each dialogue is planned exactly as :meth:`UserSimulator.generate_turn` plans it (fitted
+prompt, masks, early stop, resampling rounds, seed); then the first sample of every dialogue
+goes through one batched call, the guardrails judge each row, and the dialogues that need
+retries go through a second batched call (each with its ``retry_cap`` rows, or one row per
+round without ``batched_retries``), and so on until every dialogue has its turn.
+
+Inside a call:
+
+* prompts are **left-padded** with an attention mask (position ids follow the mask);
+* the **first-token filter** acts only at the first generated position, per row, with each
+  dialogue's own banned words (or none);
+* the **end marker** is masked only in the rows whose dialogue masks it;
+* **p_end** is read per row from the raw logits of the first step (``output_logits``),
+  before any mask;
+* rows **stop** on their own: at a stop token, past their own ``max_words`` (early stop), or
+  at their own ``max_new_tokens``;
+* **sampling is per dialogue**: each dialogue's rows have their own temperature, top-p and
+  ``torch.Generator`` seeded with the same seed the single-dialogue path uses, and they are
+  drawn with the same transformers warpers and the same ``torch.multinomial`` call on the
+  same block shape. So a batched turn is the turn ``generate_turn`` would make with that
+  seed, up to float noise from the padded batch (which can, rarely, flip a draw that lands
+  on a boundary). The draw is made in a logits processor that returns a one-hot score, and
+  ``generate()`` runs greedy over it.
+
+Not used here: the prefix KV cache (rows have different cached lengths; a batched call
+prefills every row in full). The cache is the single-dialogue path's speed-up; batching
+is the many-dialogues one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList,
+                          TemperatureLogitsWarper, TopPLogitsWarper)
+
+from .dialogue import Dialogue, GuardrailEvent, Turn
+from .generation import GenerationCancelled, StopOnEvent
+from .guardrails import banned_first_token_ids  # noqa: F401 - re-exported for callers building plans
+from .seeds import round_seed
+from .simulator import Candidate, TurnPlan, UserSimulator
+
+
+@dataclass
+class Group:
+    """The rows of one dialogue in one batched call."""
+
+    plan: TurnPlan
+    rows: int
+    seed: int
+    start: int = 0  # first row in the batch
+    generator: Any = None
+
+
+@dataclass
+class BatchResult:
+    new_ids: list[list[int]]  # per row, cut like ``generation.sample`` cuts it
+    truncated: list[bool]
+    first_logits: torch.Tensor  # (rows, vocab), raw
+    latency_s: float
+    prefill_tokens: int  # real (unpadded) prompt tokens prefilled
+    padded_tokens: int  # what the batch actually ran, padding included
+
+
+class RowFirstTokenFilter(LogitsProcessor):
+    """Per-row banned first tokens, only at the first generated position (``prompt_length``)."""
+
+    def __init__(self, banned: Sequence[Sequence[int]], prompt_length: int):
+        self.prompt_length = prompt_length
+        self.rows = [(i, torch.tensor(sorted(set(b)), dtype=torch.long)) for i, b in enumerate(banned) if b]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] != self.prompt_length or not self.rows:
+            return scores
+        scores = scores.clone()
+        for row, ids in self.rows:
+            scores[row, ids.to(scores.device)] = -float("inf")
+        return scores
+
+
+class RowEndSuppressor(LogitsProcessor):
+    """Zero probability for the end marker in the rows that mask it (its last token once the
+    rest of it is written, as ``NoBadWordsLogitsProcessor`` does)."""
+
+    def __init__(self, marker: Sequence[int], masked_rows: Sequence[int]):
+        self.marker, self.rows = list(marker), list(masked_rows)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.rows:
+            return scores
+        scores = scores.clone()
+        head, last = self.marker[:-1], self.marker[-1]
+        for row in self.rows:
+            if not head or input_ids[row, -len(head):].tolist() == head:
+                scores[row, last] = -float("inf")
+        return scores
+
+
+class GroupSampler(LogitsProcessor):
+    """Draws each dialogue's next tokens with its own settings and generator; returns scores
+    that are 0 at the drawn token and -inf elsewhere, so that greedy search takes it."""
+
+    def __init__(self, groups: Sequence[Group]):
+        self.groups = groups
+        self.warpers = []
+        for g in groups:
+            s = g.plan.sampling
+            self.warpers.append(None if s.temperature <= 0 else
+                                LogitsProcessorList([TemperatureLogitsWarper(s.temperature), TopPLogitsWarper(s.top_p)]))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        chosen = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
+        for g, warpers in zip(self.groups, self.warpers):
+            rows = slice(g.start, g.start + g.rows)
+            if warpers is None:
+                chosen[rows] = scores[rows].argmax(dim=-1)
+            else:
+                block = warpers(input_ids[rows], scores[rows])
+                probs = torch.softmax(block, dim=-1)
+                chosen[rows] = torch.multinomial(probs, num_samples=1, generator=g.generator).squeeze(1)
+        out = torch.full_like(scores, -float("inf"))
+        out.scatter_(1, chosen[:, None], 0.0)
+        return out
+
+
+class RowStops(StoppingCriteria):
+    """Per-row early stop (more words than the row's ``max_words``) and per-row
+    ``max_new_tokens``; remembers where each row was stopped."""
+
+    def __init__(self, tokenizer: Any, prompt_length: int, max_words: Sequence[int | None], max_new: Sequence[int]):
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+        self.max_words, self.max_new = list(max_words), list(max_new)
+        self.stopped_at: dict[int, int] = {}
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        made = input_ids.shape[1] - self.prompt_length
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        wordy = [i for i, w in enumerate(self.max_words) if w is not None and i not in self.stopped_at]
+        texts = self.tokenizer.batch_decode(input_ids[wordy, self.prompt_length:], skip_special_tokens=True) \
+            if wordy else []
+        for i, text in zip(wordy, texts):
+            if len(text.split()) > self.max_words[i]:
+                self.stopped_at[i] = made
+        for i, limit in enumerate(self.max_new):
+            if made >= limit and i not in self.stopped_at:
+                self.stopped_at[i] = made
+        for i in self.stopped_at:
+            done[i] = True
+        return done
+
+
+def batched_sample(simulator: UserSimulator, groups: list[Group], stop_event: threading.Event | None = None) -> BatchResult:
+    """One ``generate()`` call for every row of ``groups`` (see the module docstring)."""
+    stop_event = stop_event or threading.Event()
+    if stop_event.is_set():
+        raise GenerationCancelled("stopped before generating")
+    model, fmt = simulator.model, simulator.format
+    device = next(model.parameters()).device
+    marker, stop_ids = fmt.end_marker_ids(), fmt.stop_ids()
+    keep = marker if len(marker) == 1 else []
+    ends = list(stop_ids) + [k for k in keep if k not in stop_ids]
+    pad = stop_ids[0]
+    rows: list[list[int]] = []
+    banned, masked, max_words, max_new = [], [], [], []
+    for g in groups:
+        g.start = len(rows)
+        g.generator = torch.Generator(device=device)
+        g.generator.manual_seed(g.seed)
+        guard = g.plan.guardrails
+        for _ in range(g.rows):
+            if g.plan.masked_end:
+                masked.append(len(rows))
+            rows.append(g.plan.prompt)
+            banned.append(g.plan.banned)
+            max_words.append(guard.max_words if guard.length_thresholds and simulator.stop_long_samples else None)
+            max_new.append(g.plan.sampling.max_new_tokens)
+    length = max(len(r) for r in rows)
+    input_ids = torch.tensor([[pad] * (length - len(r)) + r for r in rows], dtype=torch.long, device=device)
+    attention = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
+    stops = RowStops(simulator.tokenizer, length, max_words, max_new)
+    processors = [RowFirstTokenFilter(banned, length), RowEndSuppressor(marker, masked), GroupSampler(groups)]
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=input_ids, attention_mask=attention, do_sample=False, temperature=None, top_p=None, top_k=None,
+            max_new_tokens=max(max_new), eos_token_id=ends, pad_token_id=pad,
+            logits_processor=LogitsProcessorList(processors),
+            stopping_criteria=StoppingCriteriaList([StopOnEvent(stop_event), stops]),
+            return_dict_in_generate=True, output_logits=True,
+        )
+    latency = time.perf_counter() - started
+    if stop_event.is_set():
+        raise GenerationCancelled("stopped during generation")
+    new_ids, truncated = [], []
+    for i, row in enumerate(out.sequences[:, length:].tolist()):
+        row = row[:stops.stopped_at.get(i, len(row))]
+        end = next((j for j, t in enumerate(row) if t in ends), None)
+        truncated.append(end is None)
+        new_ids.append(row if end is None else (row[:end + 1] if row[end] in keep else row[:end]))
+    return BatchResult(new_ids, truncated, out.logits[0].float().cpu(), latency,
+                       prefill_tokens=sum(len(r) for r in rows), padded_tokens=length * len(rows))
+
+
+@dataclass
+class _Pending:
+    plan: TurnPlan
+    candidates: list[Candidate] = field(default_factory=list)
+    p_end: float | None = None
+    events: list[GuardrailEvent] = field(default_factory=list)
+    latency: float = 0.0
+    round_no: int = 0
+    done: bool = False
+
+
+def generate_user_turns(simulator: UserSimulator, dialogues: Sequence[Dialogue], settings_list: Sequence[Any],
+                        seeds: Sequence[int | None] | None = None, stop_event: threading.Event | None = None,
+                        stats: dict[str, Any] | None = None) -> list[Turn]:
+    """The next user turn of each dialogue, the first samples of all of them in one batch.
+
+    ``settings_list``: per dialogue, an ``engine.RunSettings`` (anything with ``guardrails``,
+    ``sampling`` and ``context_budget``). ``seeds``: per dialogue, the turn's seed (default: the
+    seed scheme's). Each turn records the same guardrail decisions, p_end and seed as
+    :meth:`UserSimulator.generate_turn`; its latency is the wall time of the batched calls it
+    took part in. ``stats`` (a dict) receives the number of calls and rows and the tokens
+    prefilled.
+    """
+    if len(dialogues) != len(settings_list):
+        raise ValueError(f"{len(dialogues)} dialogues but {len(settings_list)} settings")
+    seeds = list(seeds) if seeds is not None else [None] * len(dialogues)
+    pending = [_Pending(simulator.plan_turn(d, s.guardrails, s.sampling, getattr(s, "context_budget", 2048), seed))
+               for d, s, seed in zip(dialogues, settings_list, seeds)]
+    stats = stats if stats is not None else {}
+    stats.update(calls=0, rows=0, prefill_tokens=0, padded_tokens=0)
+    while True:
+        active = [p for p in pending if not p.done]
+        if not active:
+            break
+        groups = [Group(p.plan, p.plan.rounds[p.round_no], round_seed(p.plan.seed, p.round_no)) for p in active]
+        result = batched_sample(simulator, groups, stop_event)
+        stats["calls"] += 1
+        stats["rows"] += len(result.new_ids)
+        stats["prefill_tokens"] += result.prefill_tokens
+        stats["padded_tokens"] += result.padded_tokens
+        for p, g in zip(active, groups):
+            p.latency += result.latency_s
+            if p.p_end is None:  # same prompt every round: the first step's logits do not change
+                logits = result.first_logits[g.start]
+                p.p_end = simulator.p_end(p.plan.prompt, logits)
+                p.events = simulator._mask_events(logits, p.plan.banned, p.plan.masked_end, p.p_end)
+            for i in range(g.start, g.start + g.rows):
+                p.candidates.append(simulator.judge(p.plan, result.new_ids[i], result.truncated[i]))
+                if p.candidates[-1].reason is None:
+                    break
+            p.round_no += 1
+            p.done = p.candidates[-1].reason is None or p.round_no >= len(p.plan.rounds)
+    return [simulator.finish_turn(p.plan, p.candidates, p.p_end, p.events, p.latency) for p in pending]
