@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks.common import INTENTS, machine, replies, userlm_shaped_model
+from benchmarks.common import INTENTS, add_model_arguments, machine, replies, userlm_shaped_model
 from usersim_ui.batched_turns import generate_user_turns
 from usersim_ui.dialogue import Dialogue, GuardrailSettings, SamplingSettings, Turn
 from usersim_ui.engine import RunSettings
@@ -25,10 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dialogues", type=int, default=16)
     parser.add_argument("--history", type=int, default=2, help="exchanges already in each dialogue")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--eot-bias", type=float, default=8.3)
+    add_model_arguments(parser)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy, no sampling cost, no retries")
     args = parser.parse_args()

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from benchmarks.common import (END_CONVERSATION_ID, INTENTS, count_forwards, kv_bytes, machine, peak_rss, replies,
+from benchmarks.common import (END_CONVERSATION_ID, add_model_arguments, INTENTS, count_forwards, kv_bytes, machine, peak_rss, replies,
                                userlm_shaped_model)
 from usersim_ui.backends import ScriptedAssistant
 from usersim_ui.dialogue import Dialogue, GuardrailSettings, SamplingSettings, Turn, count_words
@@ -82,10 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dialogues", type=int, default=3)
     parser.add_argument("--turns", type=int, default=10, help="user turns per dialogue")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--eot-bias", type=float, default=8.3, help="sets the random model's mean turn length")
+    add_model_arguments(parser)
     args = parser.parse_args()
 
     tok = llama3_userlm_tokenizer()

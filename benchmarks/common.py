@@ -33,6 +33,14 @@ REPLY = ("That is a good question, and there are a few things worth weighing bef
          "about your situation and I can make this specific. Reply {n}.")
 
 
+def add_model_arguments(parser: Any, max_new_tokens: int = 64) -> None:
+    """The UserLM-shaped model's size and sampling arguments every speed benchmark takes."""
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--eot-bias", type=float, default=8.3, help="sets the random model's mean turn length")
+
+
 def replies(n: int) -> list[str]:
     return [REPLY.format(n=i + 1) for i in range(n)]
 
