@@ -238,3 +238,31 @@ def test_distribution_numbers_on_known_dialogues():
     assert list(pe["n"]) == [3, 2] and pe["mean"].iloc[0] == pytest.approx(0.7 / 3)
     table = dist.metrics_table({"A": [d1, d2, d3], "B": [d1, d2, d3]}, n_boot=50, seed=1)
     assert (table["diff"].fillna(0) == 0).all()
+
+
+# ---- the Gradio tab ---------------------------------------------------------------------------
+
+def test_batch_tab_builds_and_its_handler_runs_an_ab_batch(tmp_path: Path, monkeypatch, llama_tok):
+    import gradio as gr
+
+    from conftest import userlm_sim
+    from usersim_ui import batch_tab, defaults
+
+    with gr.Blocks() as demo:
+        with gr.Tab("Batch"):
+            batch_tab.build_batch_tab()
+    assert any(getattr(dep, "api_name", None) == "batch_run" for dep in demo.fns.values())
+    monkeypatch.setattr(defaults, "default_simulator", lambda *a: userlm_sim(llama_tok))
+    monkeypatch.setattr(batch_tab, "make_assistant", lambda spec, seed, tokens, turns: __import__(
+        "usersim_ui.batch", fromlist=["make_assistant"]).make_assistant("scripted", seed, tokens, turns))
+    monkeypatch.setattr(batch_tab, "output_dir", lambda: tmp_path)
+    intents = tmp_path / "two.txt"
+    intents.write_text("You want a cheap flight to Lisbon.\nYou want to fix a flaky unit test.\n")
+    seen = []
+    status, table, *figs, files = batch_tab.run_batch_ui(
+        str(intents), 2, 1, "local", "", "", ["first_token", "length"], 6,
+        progress=lambda *a, **k: seen.append(k.get("desc")))
+    assert status.startswith("8 dialogues") and "A (4)" in status and "B (4)" in status
+    assert {"metric", "A", "B", "diff", "diff_lo", "diff_hi"} <= set(table.columns)
+    assert len(figs) == 4 and all(f.data for f in figs)
+    assert {Path(f).suffix for f in files} == {".jsonl", ".csv", ".html"} and seen[-1].startswith("8/8")
