@@ -116,7 +116,7 @@ def test_first_token_ban_goes_only_on_the_first_position(llama_tok):
     assert turn.text == "Can you help me plan a trip"
     probe, first, rest = server.calls
     banned = sim.banned_ids(guard.banned_first_words)
-    assert server.i in banned and set(probe["logprob_token_ids"]) == {END_CONVERSATION_ID, *banned}
+    assert server.i in banned and set(probe["logprob_token_ids"]) == {END_CONVERSATION_ID, EOT, *banned}
     assert first["max_tokens"] == 1 and {int(k) for k in first["logit_bias"]} == {*banned, END_CONVERSATION_ID}
     assert rest["prompt"] == first["prompt"] + [server.can]
     assert rest["logit_bias"] == {str(END_CONVERSATION_ID): -100.0}  # no-early-ending stays on, the ban does not

@@ -155,13 +155,19 @@ class CompletionsUserSimulator:
 
     def _logprob_query(self, prefix: list[int], target: int, method: str, extra_ids: Sequence[int] = ()) -> dict[str, Any]:
         if method == "logprob_token_ids":
+            ids = list(dict.fromkeys([*self._sentinels(target), *extra_ids]))
             return self._base(prefix, max_tokens=1, temperature=0.0, logprobs=1,
-                              logprob_token_ids=[target, *extra_ids], return_tokens_as_token_ids=True)
+                              logprob_token_ids=ids, return_tokens_as_token_ids=True)
         if method == "forced_sample":
             return self._base(prefix, max_tokens=1, temperature=0.0, logprobs=1, logit_bias={str(target): FORCE},
                               return_tokens_as_token_ids=True, return_token_ids=True)
         return self._base(prefix + [target], max_tokens=1, temperature=0.0, logprobs=1, echo=True,
                           return_tokens_as_token_ids=True)
+
+    def _sentinels(self, target: int) -> list[int]:
+        """Ids asked for beside the target so that an honoured ``logprob_token_ids`` is told apart
+        from a top-k that happens to hold the target (two ids are never both top-1)."""
+        return [target] + [t for t in self.format.stop_ids() if t != target][:1]
 
     def _read_logprob(self, response: Any, prefix: list[int], target: int, method: str) -> float | None:
         """The raw logprob of ``target`` after ``prefix``, or None when the server did not give it."""
@@ -171,7 +177,9 @@ class CompletionsUserSimulator:
         logprobs = choice.get("logprobs") or {}
         if method == "logprob_token_ids":
             top = _top_at(logprobs, 0)
-            return top.get(target)
+            asked = self._sentinels(target)
+            # a server that ignores logprob_token_ids still lists its top-k: require every id asked for
+            return top.get(target) if all(t in top for t in asked) else None
         if method == "forced_sample":
             ids = _choice_ids(choice)
             if not ids or ids[0] != target:
