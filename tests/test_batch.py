@@ -33,28 +33,51 @@ def lines(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines()
 
 
-# ---- the real offline defaults, 12 intents x 3 samples --------------------------------------
+# ---- 12 intents x 3 samples from the CLI ----------------------------------------------------
+# The real offline defaults (SmolLM2 as prompted-baseline user and as assistant) run a smaller
+# grid: on two shared cores the full 12 x 3 with them takes 10-25 minutes. The full grid runs
+# with the tiny UserLM-shaped user (real Llama-3 tokenizer, random weights) and the scripted
+# assistant; both go through the same CLI, JSONL, CSV and HTML.
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("real") / "real.jsonl"
-    run_cli("--intents", "sample", "--max-intents", "12", "--samples", "3", "--assistant", "local", "--max-turns", "2",
+    run_cli("--intents", "sample", "--max-intents", "3", "--samples", "2", "--assistant", "local", "--max-turns", "2",
             "--max-new-tokens", "8", "--assistant-max-tokens", "8", "--out", str(out), "--bootstrap", "200",
             env={"USERSIM_USER_MODEL": "baseline"})
     return out
 
 
-def test_offline_defaults_batch_writes_jsonl_csv_and_html(real_run: Path):
-    records = [json.loads(line) for line in lines(real_run)]
-    assert len(records) == 36
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("grid") / "grid.jsonl"
+    run_cli("--intents", "sample", "--max-intents", "12", "--samples", "3", "--max-turns", "2", "--out", str(out),
+            "--user-model", "tiny", "--assistant", "scripted", "--max-new-tokens", "8", "--bootstrap", "200")
+    return out
+
+
+def check_outputs(out: Path, n: int) -> list[dict]:
+    records = [json.loads(line) for line in lines(out)]
+    assert len(records) == n
     keys = [r["batch"]["key"] for r in records]
-    assert len(set(keys)) == 36 and {r["batch"]["sample"] for r in records} == {0, 1, 2}
-    assert all("prompted user baseline" in r["user_model"] and "SmolLM2" in r["assistant_model"] for r in records)
+    assert len(set(keys)) == n
     assert all(r["ended_by"] in ("user", "turn_cap") for r in records)
-    html = real_run.with_suffix(".html").read_text(encoding="utf-8")
+    html = out.with_suffix(".html").read_text(encoding="utf-8")
     # self-contained: plotly.js inline, no script fetched from anywhere
     assert "<script src=" not in html and "Plotly.newPlot" in html and len(html) > 1_000_000
-    assert real_run.with_suffix(".csv").exists() and real_run.with_name("real.dialogues.csv").exists()
+    assert out.with_suffix(".csv").exists() and out.with_name(out.stem + ".dialogues.csv").exists()
+    return records
+
+
+def test_offline_defaults_batch_writes_jsonl_csv_and_html(real_run: Path):
+    records = check_outputs(real_run, 6)
+    assert all("prompted user baseline" in r["user_model"] and "SmolLM2" in r["assistant_model"] for r in records)
+    assert all(t["p_end"] is not None for r in records for m, t in zip(r["messages"], r["turns"]) if m["role"] == "user")
+
+
+def test_twelve_intents_by_three_samples(grid_run: Path):
+    records = check_outputs(grid_run, 36)
+    assert {r["batch"]["sample"] for r in records} == {0, 1, 2} and len({r["batch"]["intent_id"] for r in records}) == 12
 
 
 def recount(records: list[dict]) -> dict[str, float]:
@@ -119,10 +142,12 @@ def close(a: float, b: str) -> bool:
     return (math.isnan(a) and b in ("", "nan")) or math.isclose(a, float(b), rel_tol=1e-9, abs_tol=1e-12)
 
 
-def test_every_reported_number_is_recounted_from_the_jsonl(real_run: Path):
-    records = [json.loads(line) for line in lines(real_run)]
+@pytest.mark.parametrize("which", ["real_run", "grid_run"])
+def test_every_reported_number_is_recounted_from_the_jsonl(which: str, request):
+    run = request.getfixturevalue(which)
+    records = [json.loads(line) for line in lines(run)]
     expected = recount(records)
-    rows = {row["metric"]: row for row in read_csv(real_run.with_suffix(".csv"))}
+    rows = {row["metric"]: row for row in read_csv(run.with_suffix(".csv"))}
     assert set(rows) == set(expected)
     for metric, value in expected.items():
         assert close(value, rows[metric]["A"]), (metric, value, rows[metric]["A"])
@@ -130,7 +155,7 @@ def test_every_reported_number_is_recounted_from_the_jsonl(real_run: Path):
         if metric != "dialogues" and lo not in ("", "nan"):
             assert float(lo) - 1e-9 <= float(hi)
     # the per-dialogue CSV, line by line
-    per = {row["key"]: row for row in read_csv(real_run.with_name("real.dialogues.csv"))}
+    per = {row["key"]: row for row in read_csv(run.with_name(run.stem + ".dialogues.csv"))}
     assert len(per) == len(records)
     for r in records:
         row = per[r["batch"]["key"]]
@@ -140,9 +165,9 @@ def test_every_reported_number_is_recounted_from_the_jsonl(real_run: Path):
         p = [t["p_end"] for t in users if t["p_end"] is not None]
         assert close(sum(p) / len(p), row["mean_p_end"])
     # the intervals are reproducible: the report rebuilt from the JSONL gives the same CSV
-    before = real_run.with_suffix(".csv").read_text()
-    write_reports(real_run, n_boot=200, seed=0)
-    assert real_run.with_suffix(".csv").read_text() == before
+    before = run.with_suffix(".csv").read_text()
+    write_reports(run, n_boot=200, seed=0)
+    assert run.with_suffix(".csv").read_text() == before
 
 
 # ---- fast runs: tiny UserLM-shaped user, scripted assistant ---------------------------------

@@ -48,8 +48,9 @@ class FakeServer:
     ``logprob_token_ids``, honours a +100 bias, reports the chosen token's raw logprob), or an
     old server (``old``: refuses ``logprob_token_ids``, ignores positive bias, has echo)."""
 
-    def __init__(self, tok, kind: str = "vllm", end_logprob: float = -2.0, n_supported: bool = True):
-        self.kind, self.end_logprob, self.n_supported = kind, end_logprob, n_supported
+    def __init__(self, tok, kind: str = "vllm", end_logprob: float = -2.0, n_supported: bool = True,
+                 end_on_top: bool = False):
+        self.kind, self.end_logprob, self.n_supported, self.end_on_top = kind, end_logprob, n_supported, end_on_top
         self.i, self.can = encode_plain(tok, "I")[0], encode_plain(tok, "Can")[0]
         self.rest = encode_plain(tok, " you help me plan a trip") + [EOT]
         self.calls: list[dict] = []
@@ -82,6 +83,8 @@ class FakeServer:
         ids = ids[: body["max_tokens"]]
         n = body.get("n", 1) if self.n_supported else 1
         top = [{"id": self.i, "logprob": math.log(0.6)}, {"id": self.can, "logprob": math.log(0.3)}]
+        if self.end_on_top:  # the end id happens to be in the server's own top-k
+            top = [{"id": END_CONVERSATION_ID, "logprob": self.end_logprob}] + top
         choices = [{"index": k, "text": "t", "finish_reason": "stop" if EOT in ids else "length",
                     "logprobs": {"content": [{"id": t, "logprob": -1.0, "top_logprobs": top if j == 0 else []}
                                              for j, t in enumerate(ids)]}} for k in range(n)]
@@ -106,6 +109,14 @@ def test_p_end_method_is_found_per_server_and_read_raw(llama_tok, kind, method):
     calls = len(server.calls)
     sim.generate_turn(Dialogue(intent=INTENT), OFF, SamplingSettings(max_new_tokens=12, seed=3))
     assert len(server.calls) - calls == 2  # the method is remembered: one query, one sample
+
+
+def test_a_server_ignoring_logprob_token_ids_is_not_mistaken_for_one_honouring_it(llama_tok):
+    server = FakeServer(llama_tok, "llama", end_logprob=-0.1, end_on_top=True)
+    sim = fake_sim(llama_tok, server)
+    for _ in range(2):
+        turn = sim.generate_turn(Dialogue(intent=INTENT), OFF, SamplingSettings(max_new_tokens=12, seed=3))
+        assert sim.p_end_method == "forced_sample" and turn.p_end == pytest.approx(math.exp(-0.1))
 
 
 def test_first_token_ban_goes_only_on_the_first_position(llama_tok):
