@@ -31,7 +31,8 @@ template never sees the dialogue. What each guardrail costs on the wire:
   rejects).
 * **Length and repetition** are checked here as in-process; the retries of one round go as
   ``n`` samples in one request (a server that returns fewer choices gets the rest asked one
-  by one).
+  by one; one that refuses ``n``, like llama-server beyond its slot count, gets ``n`` requests
+  of one sample sent together).
 
 Every failure (connection refused, server killed, timeout, a non-200 answer, a body that is
 not JSON, no choices, no token ids) raises :class:`~usersim_ui.backends.BackendError` naming
@@ -114,6 +115,7 @@ class CompletionsUserSimulator:
         self._lock = threading.Lock()
         self._banned: dict[tuple[str, ...], list[int]] = {}
         self.requests_sent = 0
+        self.n_supported = True  # False once a server refused n > 1
 
     # ---- identity ------------------------------------------------------------------------
 
@@ -269,8 +271,16 @@ class CompletionsUserSimulator:
         """The ``size`` choices of one request, asking one by one for what a server without ``n`` left out.
 
         Each choice is paired with its seed: ``seed + index`` (llama-server's own rule for ``n``).
+        A server that refuses ``n`` (llama-server allows at most its slot count) gets ``size``
+        requests of one sample each, sent together, and is not asked for ``n`` again.
         """
-        [response] = yield [payload], False
+        if size > 1 and self.n_supported:
+            [response] = yield [payload], True
+            if isinstance(response, _Failed):
+                self.n_supported = False
+        if size == 1 or not self.n_supported:
+            responses = yield [{**payload, "n": 1, "seed": seed + i} for i in range(size)], False
+            return [(seed + i, _first_choice(r, self.base_url)) for i, r in enumerate(responses)]
         choices = response.get("choices") if isinstance(response, dict) else None
         if not isinstance(choices, list) or not choices:
             raise BackendError(f"user simulator server {self.base_url} returned no choices")
