@@ -1,0 +1,105 @@
+"""The "Batch" tab: many dialogues at once, their distributions and an optional A/B arm.
+
+``build_batch_tab()`` is called by ``ui.py`` inside an open ``gr.Blocks()`` / ``gr.Tab``
+context. The handler, :func:`run_batch_ui`, is a plain function (tests call it directly) and
+is exposed as the API event ``batch_run``. It shares the ``model`` concurrency group with the
+app's turn events: the in-process models run one call at a time anyway.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from .batch import Arm, Serialised, load_intents, make_assistant, parse_guardrails, plan, run_batch, write_reports
+from .dialogue import SamplingSettings
+
+GUARDRAIL_CHOICES = ["first_token", "no_early_ending", "length", "repetition"]
+MAX_DIALOGUES = 400  # a page is not the place for more: use python -m usersim_ui.batch
+
+
+def output_dir() -> Path:
+    """Under the temp dir, which Gradio serves downloads from without allowed_paths."""
+    path = Path(tempfile.gettempdir()) / "usersim_batch"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_batch_ui(intents_file: Any, samples: float, max_turns: float, assistant: str, base_url: str, model: str,
+                 b_off: list[str] | None, max_new_tokens: float = 64, progress: Any = gr.Progress()) -> tuple:
+    """Run the batch in-process and return (status, metrics table, 4 figures, files)."""
+    from .defaults import default_simulator
+    from .engine import RunSettings
+
+    source = intents_file if isinstance(intents_file, str) else getattr(intents_file, "name", None)
+    try:
+        intents = load_intents(source or "sample")
+    except (OSError, ValueError, KeyError) as exc:
+        raise gr.Error(f"Could not read the intents file: {exc}") from exc
+    spec = "local" if assistant == "local" else f"openai:{(base_url or '').strip()}:{(model or '').strip()}"
+    if assistant != "local" and (not (base_url or "").strip() or not (model or "").strip()):
+        raise gr.Error("An OpenAI-compatible assistant needs a base URL and a model name.")
+    arms = [Arm("A", spec)]
+    if b_off:
+        arms.append(Arm("B", spec, parse_guardrails(",".join(f"{g}=0" for g in b_off))))
+    jobs = plan(intents, int(samples), arms)
+    if len(jobs) > MAX_DIALOGUES:
+        raise gr.Error(f"{len(jobs)} dialogues is too many for the page (at most {MAX_DIALOGUES}); "
+                       "use python -m usersim_ui.batch for large runs.")
+    sampling = SamplingSettings(max_new_tokens=int(max_new_tokens))
+    settings = {a.name: RunSettings(guardrails=a.guardrails, sampling=sampling, max_turns=int(max_turns)) for a in arms}
+    lock = threading.Lock()
+    user = Serialised(default_simulator(), lock)
+    by_name = {a.name: a for a in arms}
+
+    def backend_for(job: Any) -> Any:
+        backend = make_assistant(by_name[job.arm].assistant, job.seed, 128, int(max_turns))
+        return Serialised(backend, lock) if by_name[job.arm].assistant == "local" else backend
+
+    out = output_dir() / f"batch-{time.strftime('%Y%m%d-%H%M%S')}-{threading.get_ident() % 10000}.jsonl"
+    progress(0, desc=f"0/{len(jobs)} dialogues")
+    result = run_batch(jobs, lambda job: user, backend_for, lambda job: settings[job.arm], out,
+                       progress=lambda done, total, key: progress(done / total, desc=f"{done}/{total} dialogues ({key})"))
+    if result.written == 0:
+        raise gr.Error(f"No dialogue finished ({result.failed} failed); see {out.name.replace('.jsonl', '.errors.jsonl')}.")
+    report = write_reports(out, n_boot=500)
+    figs, paths = report["figures"], report["paths"]
+    status = (f"{result.written} dialogues in {result.elapsed_s:.0f} s ({result.failed} failed) "
+              f"- arms: {', '.join(f'{a} ({len(d)})' for a, d in report['arms'].items())}")
+    table = report["table"].drop(columns=["description"]).round(4)
+    files = [str(paths[k]) for k in ("jsonl", "csv", "dialogues_csv", "html") if paths[k].exists()]
+    return status, table, figs["survival"], figs["p_end"], figs["guardrails"], figs["comparison"], files
+
+
+def build_batch_tab() -> None:
+    """The tab's components and its ``batch_run`` event, inside the caller's open Blocks context."""
+    gr.Markdown("Run many dialogues per intent with the current models and see the distributions. "
+                "Tick guardrails below to add a **B arm** with them switched off (same seeds per intent and sample).")
+    with gr.Row():
+        intents_file = gr.File(label="Intents (.jsonl with 'intent' and 'id', or .txt one per line; empty: sample intents)",
+                               file_types=[".jsonl", ".txt"], type="filepath")
+        with gr.Column():
+            samples = gr.Slider(1, 20, value=3, step=1, label="Samples per intent")
+            max_turns = gr.Slider(1, 12, value=4, step=1, label="Max user turns")
+            max_new_tokens = gr.Slider(8, 128, value=64, step=8, label="Max tokens per user turn")
+    with gr.Row():
+        assistant = gr.Dropdown(["local", "openai"], value="local", label="Assistant")
+        base_url = gr.Textbox(label="Base URL (openai)", placeholder="http://localhost:8000/v1")
+        model = gr.Textbox(label="Model (openai)")
+    b_off = gr.CheckboxGroup(GUARDRAIL_CHOICES, label="B arm: guardrails switched off (none ticked: no B arm)")
+    run = gr.Button("Run batch", variant="primary")
+    status = gr.Markdown()
+    table = gr.Dataframe(label="Metrics (value, 95% bootstrap interval; B - A with its interval)", wrap=True)
+    with gr.Row():
+        survival, p_end = gr.Plot(label="Survival"), gr.Plot(label="P(end) by turn")
+    with gr.Row():
+        guardrails, comparison = gr.Plot(label="Guardrails by turn"), gr.Plot(label="Metrics / A-B")
+    files = gr.File(label="Downloads: JSONL, metrics CSV, per-dialogue CSV, HTML report", file_count="multiple")
+    run.click(run_batch_ui, [intents_file, samples, max_turns, assistant, base_url, model, b_off, max_new_tokens],
+              [status, table, survival, p_end, guardrails, comparison, files], api_name="batch_run",
+              concurrency_id="model", concurrency_limit=1)
