@@ -2,8 +2,9 @@
 
 ``build_batch_tab()`` is called by ``ui.py`` inside an open ``gr.Blocks()`` / ``gr.Tab``
 context. The handler, :func:`run_batch_ui`, is a plain function (tests call it directly) and
-is exposed as the API event ``batch_run``. It shares the ``model`` concurrency group with the
-app's turn events: the in-process models run one call at a time anyway.
+is exposed as the API event ``batch_run``. One batch runs at a time in the app; it is the
+session's run in ``run_control`` and its model calls take the shared model slot, turn by turn,
+so interactive sessions keep their place in line.
 """
 
 from __future__ import annotations
@@ -31,8 +32,26 @@ def output_dir() -> Path:
 
 
 def run_batch_ui(intents_file: Any, samples: float, max_turns: float, assistant: str, base_url: str, model: str,
-                 b_off: list[str] | None, max_new_tokens: float = 64, progress: Any = gr.Progress()) -> tuple:
-    """Run the batch in-process and return (status, metrics table, 4 figures, files)."""
+                 b_off: list[str] | None, max_new_tokens: float = 64, progress: Any = gr.Progress(),
+                 request: gr.Request | None = None) -> tuple:
+    """Run the batch in-process and return (status, metrics table, 4 figures, files).
+
+    The batch is this session's run (``run_control``): Stop in the Studio tab stops it, it is
+    refused while the session has another run, and its model calls take the shared model slot.
+    """
+    from .events import RUNS, session_of
+    from .run_control import RunRefused
+
+    try:
+        with RUNS.start(session_of(request)) as run:
+            return _run_batch(run, RUNS, intents_file, samples, max_turns, assistant, base_url, model, b_off,
+                              max_new_tokens, progress)
+    except RunRefused as exc:
+        raise gr.Error(str(exc), print_exception=False) from exc
+
+
+def _run_batch(run: Any, runs: Any, intents_file: Any, samples: float, max_turns: float, assistant: str,
+               base_url: str, model: str, b_off: list[str] | None, max_new_tokens: float, progress: Any) -> tuple:
     from .defaults import default_simulator
     from .engine import RunSettings
 
@@ -53,7 +72,8 @@ def run_batch_ui(intents_file: Any, samples: float, max_turns: float, assistant:
                        "use python -m usersim_ui.batch for large runs.")
     sampling = SamplingSettings(max_new_tokens=int(max_new_tokens))
     settings = {a.name: RunSettings(guardrails=a.guardrails, sampling=sampling, max_turns=int(max_turns)) for a in arms}
-    lock = threading.Lock()
+    def lock() -> Any:
+        return runs.model_slot(run)
     user = Serialised(default_simulator(), lock)
     by_name = {a.name: a for a in arms}
 
@@ -63,7 +83,7 @@ def run_batch_ui(intents_file: Any, samples: float, max_turns: float, assistant:
 
     out = output_dir() / f"batch-{time.strftime('%Y%m%d-%H%M%S')}-{threading.get_ident() % 10000}.jsonl"
     progress(0, desc=f"0/{len(jobs)} dialogues")
-    result = run_batch(jobs, lambda job: user, backend_for, lambda job: settings[job.arm], out,
+    result = run_batch(jobs, lambda job: user, backend_for, lambda job: settings[job.arm], out, stop_event=run.stop,
                        progress=lambda done, total, key: progress(done / total, desc=f"{done}/{total} dialogues ({key})"))
     if result.written == 0:
         raise gr.Error(f"No dialogue finished ({result.failed} failed); see {out.name.replace('.jsonl', '.errors.jsonl')}.")
@@ -102,4 +122,4 @@ def build_batch_tab() -> None:
     files = gr.File(label="Downloads: JSONL, metrics CSV, per-dialogue CSV, HTML report", file_count="multiple")
     run.click(run_batch_ui, [intents_file, samples, max_turns, assistant, base_url, model, b_off, max_new_tokens],
               [status, table, survival, p_end, guardrails, comparison, files], api_name="batch_run",
-              concurrency_id="model", concurrency_limit=1)
+              concurrency_id="batch", concurrency_limit=1)

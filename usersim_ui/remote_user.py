@@ -48,7 +48,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Generator, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 import httpx
 
@@ -407,8 +407,11 @@ class CompletionsUserSimulator:
 
     def generate_turn(self, dialogue: Dialogue, guardrails: GuardrailSettings, sampling: SamplingSettings,
                       context_budget: int = 2048, stop_event: threading.Event | None = None,
-                      seed: int | None = None) -> Turn:
-        """The next user turn (blocking); the signature of ``UserSimulator.generate_turn``."""
+                      seed: int | None = None, on_token: Callable[[], None] | None = None) -> Turn:
+        """The next user turn (blocking); the signature of ``UserSimulator.generate_turn``.
+
+        ``on_token`` is accepted for that signature; requests are not streamed, so it is not called.
+        """
         client = self._sync_client()
         protocol = self.turn_protocol(dialogue, guardrails, sampling, context_budget, seed)
         started = time.perf_counter()

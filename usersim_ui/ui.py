@@ -13,6 +13,7 @@ from typing import Any
 import gradio as gr
 
 from . import engine, events
+from .batch_tab import build_batch_tab
 from .charts import guardrail_figure
 from .dialogue import Dialogue
 from .examples import load_examples
@@ -346,7 +347,10 @@ def build_app(max_new_tokens: int = 64, assistant_max_tokens: int = 256, max_tur
     """The page; the arguments set the initial slider values (short user turns keep a CPU demo brisk)."""
     # Exported files and uploads in gradio's cache are deleted an hour after they were made.
     with gr.Blocks(title="UserSim Studio", delete_cache=(600, 3600)) as demo:
-        page = _layout(max_new_tokens, assistant_max_tokens, max_turns)
+        with gr.Tab("Studio"):
+            page = _layout(max_new_tokens, assistant_max_tokens, max_turns)
+        with gr.Tab("Batch runs"):
+            build_batch_tab()
         update, lock, outputs, refresh_inputs = _controls(page)
         _wire_runs(page, update, lock, outputs, refresh_inputs)
         _wire_edits(page)
