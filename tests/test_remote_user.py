@@ -368,8 +368,10 @@ def test_p_end_from_the_server_equals_the_in_process_value(servers, smollm2):
     two compute the same function: equal within 1e-3 (measured: within 3e-5). The Q4_1 GGUF as
     shipped cannot meet 1e-3: llama.cpp multiplies Q4_1 weights with activations rounded to 8
     bits (Q8_1), which transformers' dequantised float32 model does not, and that moves P by up
-    to 0.025 (0.33 nats) on these prompts; for it only the log-probability is checked, within
-    0.5 nats: the right token at the right position, not bit-exactness."""
+    to 0.025 (0.33 nats) on the one-token markers here, and the three-token "[END]" (P ~ 1e-5)
+    by up to 0.6 nats, varying from run to run with the slots' prefix-cache state; for it only
+    the log-probability is checked, within 1 nat: the right tokens at the right positions (a
+    wrong position or token is off by several nats), not exactness."""
     from usersim_ui.prompt_formats import PROMPTED_USER_SYSTEM
 
     tok = smollm2.tokenizer
@@ -396,7 +398,7 @@ def test_p_end_from_the_server_equals_the_in_process_value(servers, smollm2):
     assert max(r[1] for r in rows) > 0.1  # markers with a substantial P(end) were compared
     for _marker, local, f32, q4 in rows:
         assert abs(f32 - local) < 1e-3 and abs(f32 - local) <= 2e-3 * local  # absolute and relative
-        assert abs(math.log(q4) - math.log(local)) < 0.5
+        assert abs(math.log(q4) - math.log(local)) < 1.0
 
 
 @needs_server
@@ -426,15 +428,18 @@ def test_first_token_ban_applies_at_position_zero_only(servers, smollm2):
 
 @needs_server
 def test_n_samples_differ_and_the_seed_reproduces_them(servers, smollm2):
+    """Retries are distinct samples, and the same seeds give the same samples again. On the float32
+    server: with the Q4_1 one, whether a slot reuses a cached prefix or recomputes it changes the
+    logits slightly (P moved by ~1% between runs), and at temperature 1 a sample can flip."""
     tok = smollm2.tokenizer
-    sim = CompletionsUserSimulator(servers["q4"], "smollm2", tok, PromptedUserFormat(tok))
+    sim = CompletionsUserSimulator(servers["f32"], "smollm2", tok, PromptedUserFormat(tok))
     strict = replace(OFF, length_thresholds=True, min_words=40, max_words=50, retry_cap=3)  # rejects everything
     sampling = SamplingSettings(max_new_tokens=10, temperature=1.0, seed=11)
     one = sim.generate_turn(Dialogue(intent=INTENT), strict, sampling)
     two = sim.generate_turn(Dialogue(intent=INTENT), strict, sampling)
     texts = [r.text for r in one.rejected] + [one.text]
     assert len(texts) == 4 and len(set(texts)) >= 3
-    assert [r.text for r in two.rejected] + [two.text] == texts  # same seeds, same samples
+    assert [r.text for r in two.rejected] + [two.text] == texts and two.seed == one.seed  # same seeds, same samples
 
 
 @needs_server
