@@ -174,7 +174,6 @@ class UserSimulator:
         """Everything about the next user turn that is decided before any sampling: the fitted
         prompt, the logit masks, the early stop, the resampling rounds and the seed."""
         fitted = self.fit_prompt(dialogue.intent, dialogue.messages(), context_budget, sampling.max_new_tokens)
-        prompt = fitted.ids
         banned = (self.banned_ids(guardrails.banned_first_words, guardrails.first_token_any_case)
                   if guardrails.first_token_filter else [])
         masked_end = end_is_masked(guardrails, dialogue.user_turns)
