@@ -26,7 +26,7 @@ from .limits import MAX_IMPORT_BYTES, MAX_IMPORT_DIALOGUES, MAX_TURN_CHARS, MAX_
 from .metrics import turn_table
 from .run_control import Run, RunControl, RunRefused
 from .safe_text import literal_markdown
-from .seeds import turn_seed, validate_seed
+from .seeds import validate_seed
 from .transcript import badge_line, summary_text, to_markdown
 
 log = logging.getLogger("usersim_ui")
@@ -168,12 +168,10 @@ def render(dialogue: Dialogue, running: str | None = None, notice: str | None = 
             p_end_figure(dialogue, table), summary_text(dialogue, running=bool(running)), to_markdown(dialogue))
 
 
-def running_text(dialogue: Dialogue, settings: engine.RunSettings, run: Run) -> str:
+def running_text(dialogue: Dialogue, settings: engine.RunSettings) -> str:
     role = dialogue.next_role
     number = dialogue.user_turns + 1 if role == "user" else dialogue.user_turns
-    ahead = RUNS.queue_position(run)
-    waiting = f" (waiting for the model: {ahead} ahead)" if ahead else ""
-    return f"Writing {role} turn {number} of {settings.max_turns}…{waiting}"
+    return f"Writing {role} turn {number} of {settings.max_turns}…"
 
 
 # ---- model runs ----------------------------------------------------------------------------
@@ -201,8 +199,8 @@ def turn_maker(spec: BackendSpec, run: Run, regenerate_from: Dialogue | None
     def make(dialogue: Dialogue, settings: engine.RunSettings) -> Dialogue:
         if run.stop.is_set():
             raise GenerationCancelled("stopped between turns")
-        seed = engine.regeneration_seed(regenerate_from, settings) if regenerate_from is not None else \
-            turn_seed(settings.sampling.seed, len(dialogue.turns))
+        # None: the engine's default, the seed scheme's seed for this position
+        seed = engine.regeneration_seed(regenerate_from, settings) if regenerate_from is not None else None
         if not uses_local_model(dialogue, spec):
             return engine.assistant_turn(dialogue, make_backend(spec), settings, run.stop, seed)
         with RUNS.model_slot(run):
@@ -240,11 +238,11 @@ def _run(run: Run, original: Dialogue, start: Dialogue, settings: engine.RunSett
     set_live_settings(session, settings)
     now = lambda: live_settings(session) or settings  # noqa: E731 - toggles moved mid-run apply next turn
     current, notice = start, None
-    yield render(original, running=running_text(start, settings, run))
+    yield render(original, running=running_text(start, settings))
     try:
         for current in engine.run(start, turn_maker(spec, run, original if regenerate else None), now,
                                   max_new_turns):
-            yield render(current, running=None if current.ended_by else running_text(current, now(), run))
+            yield render(current, running=None if current.ended_by else running_text(current, now()))
     except GenerationCancelled:
         notice = "Stopped. The dialogue so far is kept."
     except (gr.Error, *USER_ERRORS) as exc:
@@ -299,7 +297,7 @@ def export_file(dialogue: Dialogue | None, session: str) -> str:
     folder = EXPORT_ROOT / _safe_name(session)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
-    RUNS.session_data(session)["export_dir"] = str(folder)
+    RUNS.session_data(session)  # tracked from now on, so an idle session's folder is removed too
     path = folder / f"dialogue-{dialogue.id}.jsonl"
     path.write_text(dialogues_to_jsonl([dialogue]), encoding="utf-8")
     return str(path)

@@ -54,7 +54,7 @@ def uses_local_model(dialogue: Dialogue, spec: BackendSpec) -> bool:
     return dialogue.next_role == "user" or spec.kind == "local"
 
 
-def gpu_seconds(dialogue: Dialogue, settings: engine.RunSettings, spec: BackendSpec, seed: int) -> int:
+def gpu_seconds(dialogue: Dialogue, settings: engine.RunSettings, spec: BackendSpec, seed: int | None) -> int:
     """The GPU slice to ask ZeroGPU for: the turn's token budget at a conservative 20 tokens/s."""
     if dialogue.next_role == "user":
         rounds = 1 + (settings.guardrails.retry_cap if settings.guardrails.length_thresholds
@@ -71,7 +71,7 @@ def as_gradio_error(exc: BaseException) -> gr.Error:
     return gr.Error(str(exc), title=title, print_exception=False)
 
 
-def _make_turn(dialogue: Dialogue, settings: engine.RunSettings, spec: BackendSpec, seed: int,
+def _make_turn(dialogue: Dialogue, settings: engine.RunSettings, spec: BackendSpec, seed: int | None,
                stop: threading.Event, on_token: "queue.SimpleQueue[object]") -> Dialogue:
     tick = lambda: on_token.put(1)  # noqa: E731
     if dialogue.next_role == "user":
@@ -81,9 +81,10 @@ def _make_turn(dialogue: Dialogue, settings: engine.RunSettings, spec: BackendSp
 
 @spaces.GPU(duration=gpu_seconds)
 def model_turn_stream(dialogue: Dialogue, settings: engine.RunSettings, spec: BackendSpec,
-                      seed: int) -> Iterator[int | Dialogue]:
+                      seed: int | None) -> Iterator[int | Dialogue]:
     """One model turn: yields the number of tokens made so far after each token, then the new
-    dialogue. Plain data in and out, so that ZeroGPU can pickle it."""
+    dialogue. Plain data in and out, so that ZeroGPU can pickle it. ``seed`` None: the engine's
+    default for the turn's position."""
     stop = threading.Event()  # made here: in a ZeroGPU worker, an Event from the main process never fires
     ticks: queue.SimpleQueue[object] = queue.SimpleQueue()
     outcome: dict[str, object] = {}
@@ -126,7 +127,7 @@ def model_turn_stream(dialogue: Dialogue, settings: engine.RunSettings, spec: Ba
     yield outcome["dialogue"]  # type: ignore[misc]
 
 
-def run_model_turn(dialogue: Dialogue, settings: engine.RunSettings, spec: BackendSpec, seed: int,
+def run_model_turn(dialogue: Dialogue, settings: engine.RunSettings, spec: BackendSpec, seed: int | None,
                    stop: threading.Event) -> Dialogue:
     """Drive :func:`model_turn_stream` from the main process; Stop closes it between two tokens."""
     if stop.is_set():

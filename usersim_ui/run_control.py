@@ -50,7 +50,6 @@ class Run:
     session: str
     stop: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
-    waiting: bool = False  # for the model slot
     then: Transition | None = None  # applied by the run as it winds down (End, Reset)
     closing: bool = False  # its final dialogue is being decided: too late to attach ``then``
     outcome: Dialogue | None = None  # the dialogue it ended with, once finished
@@ -159,7 +158,6 @@ class RunControl:
         began = time.perf_counter()
         with self._fifo_changed:
             self._fifo.append(run)
-            run.waiting = True
             try:
                 while True:
                     if run.stop.is_set():
@@ -168,7 +166,6 @@ class RunControl:
                         break
                     self._fifo_changed.wait(self.poll_s)
             finally:
-                run.waiting = False
                 self._fifo.remove(run)
                 self._fifo_changed.notify_all()
         waited = time.perf_counter() - began
@@ -179,11 +176,6 @@ class RunControl:
             self._slots.release()
             with self._fifo_changed:
                 self._fifo_changed.notify_all()
-
-    def queue_position(self, run: Run) -> int:
-        """How many runs wait for the model ahead of this one (0: next, or not waiting)."""
-        with self._fifo_changed:
-            return self._fifo.index(run) if run in self._fifo else 0
 
     # ---- per-session data -----------------------------------------------------------------
 
