@@ -236,15 +236,16 @@ def control_states(dialogue: Dialogue | None, kind: str, max_turns: float | None
 def _controls(page: Page) -> Any:
     names = list(page.buttons)
 
-    def update(dialogue: Dialogue | None, kind: str, max_turns: float | None, request: gr.Request) -> list[Any]:
-        busy = events.RUNS.in_flight(events.session_of(request))
+    def updates(dialogue: Dialogue | None, kind: str, max_turns: float | None, busy: bool) -> list[Any]:
         states = control_states(dialogue, kind, max_turns, busy)
         return [gr.update(interactive=states[n], variant="stop" if busy else "secondary") if n == "stop"
                 else gr.update(interactive=states[n]) for n in names]
 
-    def lock() -> list[Any]:
-        return [gr.update(interactive=n in ("stop", "end_dialogue", "reset"), variant="stop") if n == "stop"
-                else gr.update(interactive=n in ("end_dialogue", "reset")) for n in names]
+    def update(dialogue: Dialogue | None, kind: str, max_turns: float | None, request: gr.Request) -> list[Any]:
+        return updates(dialogue, kind, max_turns, events.RUNS.in_flight(events.session_of(request)))
+
+    def lock() -> list[Any]:  # on click, before the run has registered: already as during a run
+        return updates(None, "local", None, busy=True)
 
     outputs = [page.buttons[n] for n in names]
     refresh_inputs = [page.state, page.backend[0], page.settings[4]]
