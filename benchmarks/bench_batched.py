@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import time
 
+import torch
+
 from benchmarks.common import INTENTS, add_model_arguments, machine, replies, userlm_shaped_model
 from usersim_ui.batched_turns import generate_user_turns
 from usersim_ui.dialogue import Dialogue, GuardrailSettings, SamplingSettings, Turn
@@ -19,6 +21,20 @@ from usersim_ui.model_loading import LoadedModel
 from usersim_ui.prompt_formats import UserLMFormat
 from usersim_ui.simulator import UserSimulator
 from usersim_ui.tiny_userlm import llama3_userlm_tokenizer
+
+
+def decode_step_s(model: torch.nn.Module, rows: int, prompt: int = 200, steps: int = 6) -> float:
+    """Seconds per decode step of the bare model at ``rows`` rows (no sampling, no guardrails):
+    how far batching can go on this machine at all, whatever the turn code does."""
+    with torch.no_grad():
+        ids = torch.randint(0, 128000, (rows, prompt))
+        past = model(ids, use_cache=True).past_key_values
+        step = torch.randint(0, 128000, (rows, 1))
+        model(step, past_key_values=past, use_cache=True)  # warm-up
+        started = time.perf_counter()
+        for _ in range(steps):
+            past = model(step, past_key_values=past, use_cache=True).past_key_values
+        return (time.perf_counter() - started) / steps
 
 
 def main() -> None:
@@ -53,13 +69,18 @@ def main() -> None:
         started = time.perf_counter()
         together = generate_user_turns(sim, dialogues, settings, stats=stats)
         batch.append(time.perf_counter() - started)
+    one_row, all_rows = decode_step_s(model, 1), decode_step_s(model, args.dialogues)
     same = sum(a.text == b.text for a, b in zip(alone, together))
     samples_alone = sum(len(t.rejected) + 1 for t in alone) / len(alone)
     samples_batch = sum(len(t.rejected) + 1 for t in together) / len(together)
     t1, tb = min(one), min(batch)
-    print(f"machine: {machine()}; model: random Llama, hidden {args.hidden}, {args.layers} layers, vocab 128,257, fp32, "
+    print(f"machine: {machine()}; model: random Llama, hidden {args.hidden}, {args.layers} layers, intermediate {4 * args.hidden}, vocab 128,257, fp32, "
           f"eot bias {args.eot_bias}; {args.dialogues} dialogues with {args.history} exchanges of history each; "
           f"max_new_tokens={args.max_new_tokens}; temperature {args.temperature}; guardrails at the paper's defaults; best of {args.repeats}")
+    params = sum(p.numel() for p in model.parameters())
+    print(f"bare model ({params / 1e6:.0f}M parameters): a decode step takes {one_row * 1e3:.1f} ms at 1 row and "
+          f"{all_rows * 1e3:.1f} ms at {args.dialogues} rows: batching can gain at most "
+          f"{args.dialogues * one_row / all_rows:.2f}x on this machine before sampling and guardrails")
     print("| variant | wall s for all turns | user turns / s | samples / turn | generate() calls | speed-up |")
     print("|---|---|---|---|---|---|")
     print(f"| one by one (generate_turn) | {t1:.2f} | {args.dialogues / t1:.2f} | {samples_alone:.2f} | "

@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -217,6 +218,16 @@ def test_ab_arms_share_seeds_and_report_the_difference(tmp_path: Path):
         assert close(recount(recs)["mean_p_end"], rows["mean_p_end"][arm])
 
 
+def test_dialogues_in_flight_share_batched_user_turns(tmp_path: Path):
+    out = tmp_path / "flight.jsonl"
+    proc = run_cli("--intents", "sample", "--max-intents", "4", "--samples", "2", "--max-turns", "2", "--out", str(out),
+                   "--concurrency", "8", *TINY)
+    records = read_records(out)
+    user_turns = sum(m["role"] == "user" for r in records for m in r["messages"])
+    made, calls = map(int, re.search(r"user turns batched: (\d+) turns in (\d+) model calls", proc.stderr).groups())
+    assert len(records) == 8 and made == user_turns and calls < user_turns / 2, proc.stderr[-500:]
+
+
 def test_guardrail_specs():
     assert parse_guardrails("off") == GuardrailSettings(first_token_filter=False, no_early_ending=False,
                                                         length_thresholds=False, verbatim_repetition=False)
@@ -271,23 +282,33 @@ def test_batch_tab_builds_and_its_handler_runs_an_ab_batch(tmp_path: Path, monke
     import gradio as gr
 
     from conftest import userlm_sim
-    from usersim_ui import batch_tab, defaults
+    from loopback_openai import LoopbackOpenAI
+    from usersim_ui import batch_tab, gpu
 
     with gr.Blocks() as demo:
         with gr.Tab("Batch"):
             batch_tab.build_batch_tab()
     assert any(getattr(dep, "api_name", None) == "batch_run" for dep in demo.fns.values())
-    monkeypatch.setattr(defaults, "default_simulator", lambda *a: userlm_sim(llama_tok))
-    monkeypatch.setattr(batch_tab, "make_assistant", lambda spec, seed, tokens, turns: __import__(
-        "usersim_ui.batch", fromlist=["make_assistant"]).make_assistant("scripted", seed, tokens, turns))
+    monkeypatch.setattr(gpu, "_simulator", userlm_sim(llama_tok))
+    made = []  # every user turn of the batch goes through the GPU function, as a Studio turn does
+    stream = gpu.model_turn_stream
+    monkeypatch.setattr(gpu, "model_turn_stream", lambda d, *a: made.append(d.next_role) or stream(d, *a))
     monkeypatch.setattr(batch_tab, "output_dir", lambda: tmp_path)
     intents = tmp_path / "two.txt"
     intents.write_text("You want a cheap flight to Lisbon.\nYou want to fix a flaky unit test.\n")
     seen = []
-    status, table, *figs, files = batch_tab.run_batch_ui(
-        str(intents), 2, 1, "local", "", "", ["first_token", "length"], 6,
-        progress=lambda *a, **k: seen.append(k.get("desc")))
+    server = LoopbackOpenAI("trickle", delay_s=0.0, words=6)
+    try:
+        status, table, *figs, files = batch_tab.run_batch_ui(
+            str(intents), 2, 1, "openai", server.url, "loopback", ["first_token", "length"], 6,
+            progress=lambda *a, **k: seen.append(k.get("desc")))
+    finally:
+        server.close()
     assert status.startswith("8 dialogues") and "A (4)" in status and "B (4)" in status
     assert {"metric", "A", "B", "diff", "diff_lo", "diff_hi"} <= set(table.columns)
     assert len(figs) == 4 and all(f.data for f in figs)
     assert {Path(f).suffix for f in files} == {".jsonl", ".csv", ".html"} and seen[-1].startswith("8/8")
+    records = [json.loads(line) for line in Path(files[0]).read_text().splitlines()]
+    user_turns = sum(m["role"] == "user" for r in records for m in r["messages"])
+    assert made == ["user"] * user_turns and user_turns >= 8  # the endpoint's replies take no GPU slice
+    assert len(server.requests) == sum(m["role"] == "assistant" for r in records for m in r["messages"])

@@ -115,3 +115,50 @@ def test_a_backend_error_arrives_from_the_worker_with_its_message(zerogpu):
         gpu.run_model_turn(dialogue, long_turn_settings(), spec, 1, threading.Event())
     assert "Could not load the local model '/nonexistent/assistant-model'" in caught.value.message
     assert caught.value.title == "Assistant failed"
+
+
+def test_a_batch_from_the_tab_makes_its_user_turns_in_the_forked_worker(zerogpu, monkeypatch, tmp_path):
+    """On a Space CUDA exists only inside @spaces.GPU: a batch's model turns must go there too."""
+    import json
+    import os
+    from pathlib import Path
+
+    from loopback_openai import LoopbackOpenAI
+    from usersim_ui import batch_tab
+
+    pids = []
+    forked = gpu.model_turn_stream  # spaces' wrapper: its generator runs in the worker, we see what it yields
+
+    def watched(dialogue, settings, spec, seed):
+        for item in forked(dialogue, settings, spec, seed):
+            if isinstance(item, Dialogue):
+                pids.append(item.turns[-1].role)
+            yield item
+
+    monkeypatch.setattr(gpu, "model_turn_stream", watched)
+    monkeypatch.setattr(batch_tab, "output_dir", lambda: tmp_path)
+    monkeypatch.setattr(gpu, "_make_turn", _pid_recording(gpu._make_turn, tmp_path / "pids"))
+    intents = tmp_path / "one.txt"
+    intents.write_text("You want a cheap flight to Lisbon.\n")
+    server = LoopbackOpenAI("trickle", delay_s=0.0, words=4)
+    try:
+        status, *_, files = batch_tab.run_batch_ui(str(intents), 2, 2, "openai", server.url, "loopback", [], 6,
+                                                   progress=lambda *a, **k: None)
+    finally:
+        server.close()
+    records = [json.loads(line) for line in Path(files[0]).read_text().splitlines()]
+    user_turns = sum(m["role"] == "user" for r in records for m in r["messages"])
+    assert status.startswith("2 dialogues") and user_turns >= 2 and pids == ["user"] * user_turns
+    worker_pid = {int(p) for p in (tmp_path / "pids").read_text().split()}
+    assert worker_pid and os.getpid() not in worker_pid  # made in the fork, not in this process
+
+
+def _pid_recording(make_turn, path):
+    """_make_turn, noting the pid of the process it runs in (set before the fork: the worker inherits it)."""
+    import os
+
+    def wrapped(*args, **kwargs):
+        with open(path, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        return make_turn(*args, **kwargs)
+    return wrapped

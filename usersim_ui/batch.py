@@ -15,7 +15,9 @@ Failed dialogues go to ``NAME.errors.jsonl`` (with the turns made so far) and ar
 the next run. Both arms of an A/B use the same seed for the same (intent, sample).
 
 Concurrency: the in-process model (``--user-model`` without ``--user-server``, or a local
-assistant) is one model on one device, so its calls are serialised by one lock; a simulated
+assistant) is one model on one device behind one lock; with ``--concurrency`` above 1 the user
+turns that dialogues in flight wait for at the same time go through it as one batched
+``generate()`` call (``turn_batcher``), and the assistant's turns take it one at a time; a simulated
 user on completions servers runs ``--concurrency`` dialogues in flight, each pinned to one
 replica for all its turns (sha256 of its key modulo the number of servers), which keeps the
 server's prefix cache warm.
@@ -38,6 +40,7 @@ from typing import Any, Callable, Sequence
 
 from .dialogue import Dialogue, GuardrailSettings, SamplingSettings, dialogue_from_dict, dialogue_to_dict
 from .intents import SampleIntent, load_sample_intents
+from .turn_batcher import TurnBatcher
 
 GUARDRAIL_ALIASES = {
     "first_token": "first_token_filter", "no_early_ending": "no_early_ending", "length": "length_thresholds",
@@ -220,13 +223,16 @@ class BatchResult:
 def run_batch(jobs: Sequence[Job], simulator_for: Callable[[Job], Any], backend_for: Callable[[Job], Any],
               settings_for: Callable[[Job], Any], out: Path, concurrency: int = 1, limit: int | None = None,
               progress: Callable[[int, int, str], None] | None = None, stop_event: threading.Event | None = None,
-              replica_for: Callable[[Job], str | None] = lambda job: None, show_bar: bool = False) -> BatchResult:
+              replica_for: Callable[[Job], str | None] = lambda job: None, show_bar: bool = False,
+              turn_maker_for: Callable[[Job], Callable[[Dialogue, Any], Dialogue]] | None = None) -> BatchResult:
     """Run every job whose key is not yet in ``out``; append one line per finished dialogue.
 
     ``limit`` stops after that many new lines (dialogues still running are abandoned, not
-    written). ``progress(done, total, key)`` is called after each line.
+    written). ``progress(done, total, key)`` is called after each line. ``turn_maker_for(job)``,
+    when given, makes each turn instead of the job's simulator and backend (the app routes
+    model turns through its ``@spaces.GPU`` function, so that a batch runs on ZeroGPU too).
     """
-    from .engine import auto_run, new_dialogue
+    from .engine import auto_run, new_dialogue, run
     from .generation import GenerationCancelled
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -256,7 +262,9 @@ def run_batch(jobs: Sequence[Job], simulator_for: Callable[[Job], Any], backend_
                 "replica": replica_for(job), "max_turns": settings.max_turns,
                 "guardrails": asdict(settings.guardrails), "sampling": asdict(settings.sampling)}
         try:
-            for dialogue in auto_run(dialogue, simulator, backend, settings, stop_event=stop):
+            turns = (auto_run(dialogue, simulator, backend, settings, stop_event=stop) if turn_maker_for is None
+                     else run(dialogue, turn_maker_for(job), lambda: settings))
+            for dialogue in turns:
                 pass
         except GenerationCancelled:
             return
@@ -431,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guardrails", default=None, help="A arm's guardrails: off | name=value,... (default: the paper's)")
     p.add_argument("--guardrails-b", default=None, help="B arm's guardrails, e.g. off or first_token=0,length=0")
     p.add_argument("--out", required=True, help="runs/NAME.jsonl; NAME.csv, NAME.dialogues.csv, NAME.html beside it")
-    p.add_argument("--concurrency", type=int, default=1, help="dialogues in flight")
+    p.add_argument("--concurrency", type=int, default=1, help="dialogues in flight (in-process: their user turns "
+                                                                  "are batched together)")
     p.add_argument("--user-server", default=None, help="comma-separated completions base URLs (…/v1) running the user model")
     p.add_argument("--user-server-model", default=None, help="model name on the user servers (default: their first)")
     p.add_argument("--user-model", default=None, help="userlm | baseline | a path (default: by device); with "
@@ -481,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
             from .defaults import default_simulator
 
             local = default_simulator(args.user_model)
-        shared = Serialised(local, model_lock)
+        # dialogues in flight share the model: their waiting user turns go as one batched call
+        shared = TurnBatcher(local, model_lock) if args.concurrency > 1 else Serialised(local, model_lock)
         simulator_for = lambda job: shared  # noqa: E731
 
     def backend_for(job: Job) -> Any:
@@ -497,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
                        show_bar=not args.no_progress)
     print(f"wrote {result.written}, skipped {result.skipped} already done, {result.failed} failed, "
           f"{result.elapsed_s:.1f} s", file=sys.stderr)
+    calls = getattr(simulator_for(jobs[0]), "calls", None) if jobs else None
+    if isinstance(calls, list) and calls:
+        print(f"user turns batched: {sum(calls)} turns in {len(calls)} model calls", file=sys.stderr)
     if read_records(out):
         report = write_reports(out, n_boot=args.bootstrap, seed=args.seed)
         for kind, path in report["paths"].items():

@@ -3,12 +3,16 @@
 ``build_batch_tab()`` is called by ``ui.py`` inside an open ``gr.Blocks()`` / ``gr.Tab``
 context. The handler, :func:`run_batch_ui`, is a plain function (tests call it directly) and
 is exposed as the API event ``batch_run``. One batch runs at a time in the app; it is the
-session's run in ``run_control`` and its model calls take the shared model slot, turn by turn,
-so interactive sessions keep their place in line.
+session's run in ``run_control``; each of its turns is made as the Studio tab makes one
+(``events.turn_maker``): a local-model turn runs in ``gpu.model_turn_stream`` (a ZeroGPU slice on
+a Space, where CUDA exists only inside ``@spaces.GPU`` functions) behind the shared model slot,
+turn by turn, so interactive sessions keep their place in line and Stop ends the batch within a
+token.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
 import time
@@ -17,10 +21,12 @@ from typing import Any
 
 import gradio as gr
 
-from .batch import Arm, Serialised, load_intents, make_assistant, parse_guardrails, plan, run_batch, write_reports
+from .batch import Arm, Job, load_intents, parse_guardrails, plan, run_batch, write_reports
+from .defaults import BackendSpec, make_backend
 from .dialogue import SamplingSettings
 
 GUARDRAIL_CHOICES = ["first_token", "no_early_ending", "length", "repetition"]
+ASSISTANT_MAX_TOKENS = 128
 MAX_DIALOGUES = 400  # a page is not the place for more: use python -m usersim_ui.batch
 
 
@@ -52,8 +58,9 @@ def run_batch_ui(intents_file: Any, samples: float, max_turns: float, assistant:
 
 def _run_batch(run: Any, runs: Any, intents_file: Any, samples: float, max_turns: float, assistant: str,
                base_url: str, model: str, b_off: list[str] | None, max_new_tokens: float, progress: Any) -> tuple:
-    from .defaults import default_simulator
     from .engine import RunSettings
+    from .events import turn_maker
+    from .gpu import simulator
 
     source = intents_file if isinstance(intents_file, str) else getattr(intents_file, "name", None)
     try:
@@ -72,18 +79,20 @@ def _run_batch(run: Any, runs: Any, intents_file: Any, samples: float, max_turns
                        "use python -m usersim_ui.batch for large runs.")
     sampling = SamplingSettings(max_new_tokens=int(max_new_tokens))
     settings = {a.name: RunSettings(guardrails=a.guardrails, sampling=sampling, max_turns=int(max_turns)) for a in arms}
-    def lock() -> Any:
-        return runs.model_slot(run)
-    user = Serialised(default_simulator(), lock)
-    by_name = {a.name: a for a in arms}
+    user = simulator()
 
-    def backend_for(job: Any) -> Any:
-        backend = make_assistant(by_name[job.arm].assistant, job.seed, 128, int(max_turns))
-        return Serialised(backend, lock) if by_name[job.arm].assistant == "local" else backend
+    def backend_spec(job: Job) -> BackendSpec:
+        if assistant == "local":
+            return BackendSpec(kind="local", max_tokens=ASSISTANT_MAX_TOKENS, seed=job.seed)
+        return BackendSpec(kind="openai", base_url=(base_url or "").strip(), model=(model or "").strip(),
+                           max_tokens=ASSISTANT_MAX_TOKENS, api_key=os.environ.get("OPENAI_API_KEY", ""), seed=job.seed)
 
     out = output_dir() / f"batch-{time.strftime('%Y%m%d-%H%M%S')}-{threading.get_ident() % 10000}.jsonl"
     progress(0, desc=f"0/{len(jobs)} dialogues")
-    result = run_batch(jobs, lambda job: user, backend_for, lambda job: settings[job.arm], out, stop_event=run.stop,
+    # every turn as the Studio tab makes it: local-model turns in the @spaces.GPU function (a ZeroGPU
+    # slice on a Space) behind the shared model slot, endpoint turns straight from here
+    result = run_batch(jobs, lambda job: user, lambda job: make_backend(backend_spec(job)), lambda job: settings[job.arm],
+                       out, stop_event=run.stop, turn_maker_for=lambda job: turn_maker(backend_spec(job), run, None),
                        progress=lambda done, total, key: progress(done / total, desc=f"{done}/{total} dialogues ({key})"))
     if result.written == 0:
         raise gr.Error(f"No dialogue finished ({result.failed} failed); see {out.name.replace('.jsonl', '.errors.jsonl')}.")
