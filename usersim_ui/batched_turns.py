@@ -12,7 +12,7 @@ Inside a call:
 * the **first-token filter** acts only at the first generated position, per row, with each
   dialogue's own banned words (or none);
 * the **end marker** is masked only in the rows whose dialogue masks it;
-* **p_end** is read per row from the raw logits of the first step (``output_logits``),
+* **p_end** is read per row from the raw logits of the first step (``generation.FirstLogits``),
   before any mask;
 * rows **stop** on their own: at a stop token, past their own ``max_words`` (early stop), or
   at their own ``max_new_tokens``;
@@ -41,7 +41,7 @@ from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria
                           TemperatureLogitsWarper, TopPLogitsWarper)
 
 from .dialogue import Dialogue, GuardrailEvent, Turn
-from .generation import GenerationCancelled, StopOnEvent
+from .generation import FirstLogits, GenerationCancelled, StopOnEvent
 from .guardrails import banned_first_token_ids  # noqa: F401 - re-exported for callers building plans
 from .seeds import round_seed
 from .simulator import Candidate, TurnPlan, UserSimulator
@@ -186,13 +186,13 @@ def batched_sample(simulator: UserSimulator, groups: list[Group], stop_event: th
     stops = RowStops(simulator.tokenizer, length, max_words, max_new)
     processors = [RowFirstTokenFilter(banned, length), RowEndSuppressor(marker, masked), GroupSampler(groups)]
     started = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), FirstLogits(model) as first:
         out = model.generate(
             input_ids=input_ids, attention_mask=attention, do_sample=False, temperature=None, top_p=None, top_k=None,
             max_new_tokens=max(max_new), eos_token_id=ends, pad_token_id=pad,
             logits_processor=LogitsProcessorList(processors),
             stopping_criteria=StoppingCriteriaList([StopOnEvent(stop_event), stops]),
-            return_dict_in_generate=True, output_logits=True,
+            return_dict_in_generate=True,
         )
     latency = time.perf_counter() - started
     if stop_event.is_set():
@@ -203,7 +203,7 @@ def batched_sample(simulator: UserSimulator, groups: list[Group], stop_event: th
         end = next((j for j, t in enumerate(row) if t in ends), None)
         truncated.append(end is None)
         new_ids.append(row if end is None else (row[:end + 1] if row[end] in keep else row[:end]))
-    return BatchResult(new_ids, truncated, out.logits[0].float().cpu(), latency,
+    return BatchResult(new_ids, truncated, first.value, latency,
                        prefill_tokens=sum(len(r) for r in rows), padded_tokens=length * len(rows))
 
 

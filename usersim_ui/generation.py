@@ -42,6 +42,31 @@ class StopAfterWords(StoppingCriteria):
         return torch.tensor([len(t.split()) > self.max_words for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
+class FirstLogits:
+    """The raw logits of a ``generate()`` call's first step (what p_end is read from), taken
+    from the model's own output by a forward hook.
+
+    ``generate(output_logits=True)`` would give them too, but keeps a float32 (rows, vocab)
+    copy of *every* step: 0.5 MB per row and token at Llama-3's 128k vocabulary, 250 MB for a
+    5-row retry round of 96 tokens, gigabytes for a batch of dialogues. The hook keeps one.
+    Only calls from the thread that entered are seen, in case another thread uses the model.
+    """
+
+    def __init__(self, model: Any):
+        self.model, self.value, self._thread = model, None, threading.get_ident()
+
+    def _hook(self, _module: Any, _args: Any, output: Any) -> None:
+        if self.value is None and threading.get_ident() == self._thread:
+            self.value = output.logits[:, -1, :].float().cpu()
+
+    def __enter__(self) -> "FirstLogits":
+        self._handle = self.model.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
+
+
 @dataclass(frozen=True)
 class Sample:
     new_ids: list[list[int]]  # one list per sample drawn, cut before its stop token (a kept id stays)
@@ -92,7 +117,7 @@ def sample(model: Any, prompt_ids: Sequence[int], *, stop_ids: Sequence[int], te
         extra["past_key_values"] = past_key_values
     torch.manual_seed(seed)
     started = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), FirstLogits(model) as first:
         out = model.generate(
             input_ids=batch_ids, attention_mask=torch.ones_like(batch_ids), **extra,
             do_sample=do_sample, temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
@@ -100,7 +125,7 @@ def sample(model: Any, prompt_ids: Sequence[int], *, stop_ids: Sequence[int], te
             pad_token_id=pad_id if pad_id is not None else stop_ids[0],
             logits_processor=LogitsProcessorList(processors),
             stopping_criteria=StoppingCriteriaList([StopOnEvent(stop_event, on_token), *stopping]),
-            num_return_sequences=repeat, return_dict_in_generate=True, output_logits=True,
+            num_return_sequences=repeat, return_dict_in_generate=True,
         )
     latency = time.perf_counter() - started
     if stop_event.is_set():
@@ -114,5 +139,5 @@ def sample(model: Any, prompt_ids: Sequence[int], *, stop_ids: Sequence[int], te
         else:
             rows.append(row[:end + 1] if row[end] in keep_ids else row[:end])
     cache = getattr(out, "past_key_values", None) if return_cache and num_samples == 1 else None
-    return Sample(rows, out.logits[0][0].float().cpu(), latency, truncated, cache=cache,
+    return Sample(rows, first.value[0], latency, truncated, cache=cache,
                   prefilled_tokens=len(prompt_ids) - cached)
