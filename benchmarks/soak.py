@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+SAMPLE_EVERY_S = 10.0  # RSS time series
 SETTINGS = dict(temperature=1.0, top_p=0.8, max_new_tokens=12, seed=0, max_turns=2, first_token=True,
                 no_early_end=True, min_turns_end=0, length=True, min_words=1, max_words=1000, repetition=True,
                 retry_cap=1)
@@ -195,15 +196,22 @@ def run_soak(sessions: int = 8, duration_s: float = 300.0, kill_at: float = 0.4,
                for i in range(sessions)]
     waits_before = len(events.RUNS.waits_s)
     rss: dict[str, float] = {"start": rss_mb()}
+    series: list[tuple[float, int, int]] = []  # (s since start, RSS MB, live threads)
     try:
         for t in threads:
             t.start()
-        warm_at = begin + (warmup_s if warmup_s is not None else duration_s * 0.2)
-        killed = False
+        # warm: every session has finished a run (each code path, thread and cache has been used once),
+        # or at the latest half-way
+        latest_warm = begin + (warmup_s if warmup_s is not None else duration_s * 0.5)
+        killed, next_sample = False, begin
         while any(t.is_alive() for t in threads):
             now = time.monotonic()
-            if "warm" not in rss and now >= warm_at:
+            if now >= next_sample:
+                series.append((round(now - begin, 1), round(rss_mb()), threading.active_count()))
+                next_sample += SAMPLE_EVERY_S
+            if "warm" not in rss and (now >= latest_warm or (warmup_s is None and all(log.runs for log in logs))):
                 rss["warm"] = rss_mb()
+                rss["warm_at_s"] = now - begin
             if not killed and now >= begin + duration_s * kill_at:
                 assistant.kill()
                 killed = True
@@ -213,12 +221,14 @@ def run_soak(sessions: int = 8, duration_s: float = 300.0, kill_at: float = 0.4,
         for t in threads:
             t.join()
         rss["end"] = rss_mb()
+        series.append((round(time.monotonic() - begin, 1), round(rss["end"]), threading.active_count()))
     finally:
         assistant.stop()
         demo.close()
     waits = list(events.RUNS.waits_s)[waits_before:]
     q = statistics.quantiles(waits, n=20) if len(waits) >= 2 else [0.0] * 19
     return {"sessions": sessions, "duration_s": duration_s, "logs": logs, "down": assistant.down, "rss_mb": rss,
+            "rss_series": series,
             "waits": len(waits), "wait_p50_s": statistics.median(waits) if waits else 0.0, "wait_p95_s": q[18],
             "runs": sum(len(log.runs) for log in logs),
             "turns": sum(len(r.exported["messages"]) for log in logs for r in log.runs if r.exported)}
@@ -266,7 +276,8 @@ def summary(report: dict[str, Any]) -> str:
     return (f"{report['sessions']} sessions x {report['duration_s']:.0f} s: {report['runs']} auto-runs, "
             f"{report['turns']} turns exported, {errors} runs ended on the dead endpoint "
             f"(assistant down {[round(b - a, 1) for a, b in report['down']]} s); "
-            f"RSS {rss.get('start', 0):.0f} MB at start, {rss.get('warm', float('nan')):.0f} MB after warm-up, "
+            f"RSS {rss.get('start', 0):.0f} MB at start, {rss.get('warm', float('nan')):.0f} MB after warm-up "
+            f"(at {rss.get('warm_at_s', float('nan')):.0f} s), "
             f"{rss['end']:.0f} MB at the end; wait for the model over {report['waits']} queued turns: "
             f"p50 {report['wait_p50_s']:.2f} s, p95 {report['wait_p95_s']:.2f} s")
 
@@ -285,6 +296,7 @@ def main() -> None:
         return
     report = run_soak(args.sessions, args.duration, down_s=args.down)
     print(summary(report))
+    print("RSS series (s, MB, threads): " + " ".join(f"{t:.0f}:{mb}:{n}" for t, mb, n in report["rss_series"]))
     problems = check(report)
     print("all checks held" if not problems else "PROBLEMS:\n" + "\n".join(problems))
     sys.exit(1 if problems else 0)

@@ -69,6 +69,9 @@ def test_each_row_is_the_turn_its_dialogue_would_get_alone(sharp):
         assert [r.reason for r in b.rejected] == [r.reason for r in a.rejected]
         assert (b.text, b.ends_dialogue, b.tokens, b.truncated) == (a.text, a.ends_dialogue, a.tokens, a.truncated)
     assert batch_stats["calls"] >= 2 and batch_stats["rows"] > len(batched)  # the retries went as a second batch
+    first_rows, first_prefill = batch_stats["per_call"][0]
+    assert first_prefill > 20 * first_rows  # whole prompts, once
+    assert all(prefill == rows for rows, prefill in batch_stats["per_call"][1:])  # retries: one token a row
 
 
 def test_guardrail_decisions_per_row(llama_tok):

@@ -24,13 +24,15 @@ Inside a call:
   on a boundary). The draw is made in a logits processor that returns a one-hot score, and
   ``generate()`` runs greedy over it.
 
-Not used here: the prefix KV cache (rows have different cached lengths; a batched call
-prefills every row in full). The cache is the single-dialogue path's speed-up; batching
-is the many-dialogues one.
+The first call prefills every row in full (the per-dialogue prefix cache is not used here:
+rows have different cached lengths); its KV cache is then kept, cut to the padded prompts
+(``PromptCache``), and every retry round starts its rows from their dialogue's row in it,
+prefilling one token each.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,6 +45,7 @@ from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria
 from .dialogue import Dialogue, GuardrailEvent, Turn
 from .generation import FirstLogits, GenerationCancelled, StopOnEvent
 from .guardrails import banned_first_token_ids  # noqa: F401 - re-exported for callers building plans
+from .prefix_cache import crop_to
 from .seeds import round_seed
 from .simulator import Candidate, TurnPlan, UserSimulator
 
@@ -66,6 +69,7 @@ class BatchResult:
     latency_s: float
     prefill_tokens: int  # real (unpadded) prompt tokens prefilled
     padded_tokens: int  # what the batch actually ran, padding included
+    cache: "PromptCache | None" = None
 
 
 class RowFirstTokenFilter(LogitsProcessor):
@@ -155,8 +159,13 @@ class RowStops(StoppingCriteria):
         return done
 
 
-def batched_sample(simulator: UserSimulator, groups: list[Group], stop_event: threading.Event | None = None) -> BatchResult:
-    """One ``generate()`` call for every row of ``groups`` (see the module docstring)."""
+def batched_sample(simulator: UserSimulator, groups: list[Group], stop_event: threading.Event | None = None,
+                   prompt_cache: "PromptCache | None" = None, keep_cache: bool = False) -> BatchResult:
+    """One ``generate()`` call for every row of ``groups`` (see the module docstring).
+
+    ``prompt_cache``: the first call's prompts, already prefilled: each row starts from its
+    dialogue's row there and prefills one token. ``keep_cache``: return this call's cache as one.
+    """
     stop_event = stop_event or threading.Event()
     if stop_event.is_set():
         raise GenerationCancelled("stopped before generating")
@@ -180,7 +189,10 @@ def batched_sample(simulator: UserSimulator, groups: list[Group], stop_event: th
             banned.append(g.plan.banned)
             max_words.append(guard.max_words if guard.length_thresholds and simulator.stop_long_samples else None)
             max_new.append(g.plan.sampling.max_new_tokens)
-    length = max(len(r) for r in rows)
+    length = prompt_cache.width if prompt_cache is not None else max(len(r) for r in rows)
+    extra: dict[str, Any] = {}
+    if prompt_cache is not None:
+        extra["past_key_values"] = prompt_cache.rows_for(groups)
     input_ids = torch.tensor([[pad] * (length - len(r)) + r for r in rows], dtype=torch.long, device=device)
     attention = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
     stops = RowStops(simulator.tokenizer, length, max_words, max_new)
@@ -189,7 +201,7 @@ def batched_sample(simulator: UserSimulator, groups: list[Group], stop_event: th
     with torch.inference_mode(), FirstLogits(model) as first:
         out = model.generate(
             input_ids=input_ids, attention_mask=attention, do_sample=False, temperature=None, top_p=None, top_k=None,
-            max_new_tokens=max(max_new), eos_token_id=ends, pad_token_id=pad,
+            max_new_tokens=max(max_new), eos_token_id=ends, pad_token_id=pad, **extra,
             logits_processor=LogitsProcessorList(processors),
             stopping_criteria=StoppingCriteriaList([StopOnEvent(stop_event), stops]),
             return_dict_in_generate=True,
@@ -203,8 +215,34 @@ def batched_sample(simulator: UserSimulator, groups: list[Group], stop_event: th
         end = next((j for j, t in enumerate(row) if t in ends), None)
         truncated.append(end is None)
         new_ids.append(row if end is None else (row[:end + 1] if row[end] in keep else row[:end]))
+    cached = length - 1 if prompt_cache is not None else 0
+    kept = PromptCache.from_call(out.past_key_values, length, groups) if keep_cache else None
     return BatchResult(new_ids, truncated, first.value, latency,
-                       prefill_tokens=sum(len(r) for r in rows), padded_tokens=length * len(rows))
+                       prefill_tokens=len(rows) if cached else sum(len(r) for r in rows),
+                       padded_tokens=(length - cached) * len(rows), cache=kept)
+
+
+@dataclass
+class PromptCache:
+    """The first call's KV cache, cut to its left-padded prompts less their last token, and the
+    row each dialogue had there: a retry round starts every row from it and prefills one token
+    (as the single-dialogue path's retries do), instead of its dialogue's whole prompt again."""
+
+    cache: Any
+    width: int  # the first call's padded prompt length
+    row_of: dict[int, int]  # id(plan) -> its first row in the first call
+
+    @classmethod
+    def from_call(cls, cache: Any, width: int, groups: Sequence[Group]) -> "PromptCache":
+        crop_to(cache, width - 1)
+        return cls(cache, width, {id(g.plan): g.start for g in groups})
+
+    def rows_for(self, groups: Sequence[Group]) -> Any:
+        """A cache with each group's dialogue row repeated once per row of the group."""
+        rows = [self.row_of[id(g.plan)] for g in groups for _ in range(g.rows)]
+        out = copy.deepcopy(self.cache)
+        out.batch_select_indices(torch.tensor(rows, dtype=torch.long, device=self.cache.layers[0].keys.device))
+        return out
 
 
 @dataclass
@@ -236,17 +274,22 @@ def generate_user_turns(simulator: UserSimulator, dialogues: Sequence[Dialogue],
     pending = [_Pending(simulator.plan_turn(d, s.guardrails, s.sampling, getattr(s, "context_budget", 2048), seed))
                for d, s, seed in zip(dialogues, settings_list, seeds)]
     stats = stats if stats is not None else {}
-    stats.update(calls=0, rows=0, prefill_tokens=0, padded_tokens=0)
+    stats.update(calls=0, rows=0, prefill_tokens=0, padded_tokens=0, per_call=[])
+    prompts: PromptCache | None = None
     while True:
         active = [p for p in pending if not p.done]
         if not active:
             break
         groups = [Group(p.plan, p.plan.rounds[p.round_no], round_seed(p.plan.seed, p.round_no)) for p in active]
-        result = batched_sample(simulator, groups, stop_event)
+        retries_follow = any(len(p.plan.rounds) > 1 for p in active)
+        result = batched_sample(simulator, groups, stop_event, prompt_cache=prompts,
+                                keep_cache=prompts is None and retries_follow)
+        prompts = prompts or result.cache
         stats["calls"] += 1
         stats["rows"] += len(result.new_ids)
         stats["prefill_tokens"] += result.prefill_tokens
         stats["padded_tokens"] += result.padded_tokens
+        stats["per_call"].append((len(result.new_ids), result.prefill_tokens))
         for p, g in zip(active, groups):
             p.latency += result.latency_s
             if p.p_end is None:  # same prompt every round: the first step's logits do not change
