@@ -83,3 +83,39 @@ def test_one_dialogues_error_and_another_ones_stop_stay_with_them(sharp):  # noq
     alone = [sharp.generate_turn(d, s.guardrails, s.sampling) for d, s in zip(ds[2:], ss[2:])]
     assert [t.text for t in turns[2:]] == [a.text for a in alone]
     assert batcher.calls[0] == 3  # the stopped one never ran; the failed call was redone one by one
+
+
+def test_a_leader_that_never_gets_the_model_hands_the_lead_on(sharp):  # noqa: F811
+    """The app's model slot raises for a run stopped while it waits: the other turns must not hang."""
+    lock = threading.Lock()
+    refused: list[int] = []
+
+    def slot():
+        if not refused:
+            refused.append(1)
+            raise GenerationCancelled("stopped while waiting for the model")
+        return lock
+
+    batcher = TurnBatcher(sharp, slot)
+    results: list[object] = [None] * 4
+
+    def ask(i: int) -> None:
+        d, s = dialogues()[i], settings()[i]
+        try:
+            results[i] = batcher.generate_turn(d, s.guardrails, s.sampling)
+        except Exception as exc:  # noqa: BLE001
+            results[i] = exc
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    with lock:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while not (refused and len(batcher._waiting) == 3):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert sum(isinstance(r, GenerationCancelled) for r in results) == 1
+    assert sum(not isinstance(r, Exception) for r in results) == 3 and batcher.calls == [3]

@@ -233,7 +233,6 @@ def run_batch(jobs: Sequence[Job], simulator_for: Callable[[Job], Any], backend_
     model turns through its ``@spaces.GPU`` function, so that a batch runs on ZeroGPU too).
     """
     from .engine import auto_run, new_dialogue, run
-    from .generation import GenerationCancelled
 
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {record_key(r) for r in read_records(out, repair=True)}
@@ -266,10 +265,8 @@ def run_batch(jobs: Sequence[Job], simulator_for: Callable[[Job], Any], backend_
                      else run(dialogue, turn_maker_for(job), lambda: settings))
             for dialogue in turns:
                 pass
-        except GenerationCancelled:
-            return
         except Exception as exc:  # noqa: BLE001 - one failed dialogue must not end the batch
-            if stop.is_set():
+            if stop.is_set():  # stopped (the cancellation, or what it broke): not written, redone on a rerun
                 return
             with write_lock:
                 state["failed"] += 1

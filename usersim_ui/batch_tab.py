@@ -22,7 +22,7 @@ from typing import Any
 import gradio as gr
 
 from .batch import Arm, Job, load_intents, parse_guardrails, plan, run_batch, write_reports
-from .defaults import BackendSpec, make_backend
+from .defaults import BackendSpec
 from .dialogue import SamplingSettings
 
 GUARDRAIL_CHOICES = ["first_token", "no_early_ending", "length", "repetition"]
@@ -91,7 +91,8 @@ def _run_batch(run: Any, runs: Any, intents_file: Any, samples: float, max_turns
     progress(0, desc=f"0/{len(jobs)} dialogues")
     # every turn as the Studio tab makes it: local-model turns in the @spaces.GPU function (a ZeroGPU
     # slice on a Space) behind the shared model slot, endpoint turns straight from here
-    result = run_batch(jobs, lambda job: user, lambda job: make_backend(backend_spec(job)), lambda job: settings[job.arm],
+    # no backend object here: turn_maker builds it where the turn runs (a local model only in the GPU function)
+    result = run_batch(jobs, lambda job: user, lambda job: None, lambda job: settings[job.arm],
                        out, stop_event=run.stop, turn_maker_for=lambda job: turn_maker(backend_spec(job), run, None),
                        progress=lambda done, total, key: progress(done / total, desc=f"{done}/{total} dialogues ({key})"))
     if result.written == 0:

@@ -235,13 +235,20 @@ class PromptCache:
     @classmethod
     def from_call(cls, cache: Any, width: int, groups: Sequence[Group]) -> "PromptCache":
         crop_to(cache, width - 1)
+        for layer in cache.layers:  # a crop is a view: copy, so that the generated tokens' storage is freed
+            layer.keys, layer.values = layer.keys.contiguous(), layer.values.contiguous()
         return cls(cache, width, {id(g.plan): g.start for g in groups})
 
     def rows_for(self, groups: Sequence[Group]) -> Any:
-        """A cache with each group's dialogue row repeated once per row of the group."""
-        rows = [self.row_of[id(g.plan)] for g in groups for _ in range(g.rows)]
-        out = copy.deepcopy(self.cache)
-        out.batch_select_indices(torch.tensor(rows, dtype=torch.long, device=self.cache.layers[0].keys.device))
+        """A new cache with each group's dialogue row repeated once per row of the group (indexed
+        straight from the kept one: no copy of the whole cache first)."""
+        rows = torch.tensor([self.row_of[id(g.plan)] for g in groups for _ in range(g.rows)], dtype=torch.long)
+        out = copy.copy(self.cache)
+        out.layers = []
+        for layer in self.cache.layers:
+            picked = copy.copy(layer)
+            picked.keys, picked.values = layer.keys[rows.to(layer.keys.device)], layer.values[rows.to(layer.values.device)]
+            out.layers.append(picked)
         return out
 
 

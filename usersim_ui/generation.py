@@ -65,6 +65,8 @@ class FirstLogits:
 
     def __exit__(self, *exc: Any) -> None:
         self._handle.remove()
+        if exc[0] is None and self.value is None:
+            raise RuntimeError("the model's forward never ran in this thread: p_end has no logits to read")
 
 
 @dataclass(frozen=True)

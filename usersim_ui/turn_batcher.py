@@ -71,8 +71,9 @@ class TurnBatcher:
         self.simulator = simulator
         self.max_rows = max_rows
         self._model_lock = model_lock if model_lock is not None else threading.Lock()
-        self._queue_lock = threading.Lock()
+        self._changed = threading.Condition()  # guards _waiting and _leading; notified when either changes
         self._waiting: list[_Request] = []
+        self._leading = False  # a thread is waiting for the model, or using it, on behalf of all waiting turns
         self.calls: list[int] = []  # dialogues per call made, in order (what batching achieved)
 
     def __getattr__(self, name: str) -> Any:
@@ -86,27 +87,53 @@ class TurnBatcher:
                       seed: int | None = None, on_token: Callable[[], None] | None = None) -> Turn:
         """The turn :meth:`UserSimulator.generate_turn` makes, possibly batched with others.
 
-        A caller that streams (``on_token``) gets the single-dialogue path: a batched call has
-        no per-dialogue token events.
+        One thread at a time leads: it waits for the model and makes every turn waiting by
+        then; the others sleep until their turn is made or the lead is free. A caller that
+        streams (``on_token``) gets the single-dialogue path: a batched call has no
+        per-dialogue token events.
         """
         if on_token is not None:
             with self._hold_model():
                 return self.simulator.generate_turn(dialogue, guardrails, sampling, context_budget, stop_event,
                                                     seed, on_token)
         request = _Request(dialogue, _TurnSettings(guardrails, sampling, context_budget), seed, stop_event)
-        with self._queue_lock:
+        with self._changed:
             self._waiting.append(request)
-        with self._hold_model():
-            while not request.result.done():  # nobody took it while we waited: lead the next call (oldest first)
-                with self._queue_lock:
-                    taken, self._waiting = self._waiting[: self.max_rows], self._waiting[self.max_rows:]
-                self._make(taken)
+            while self._leading and not request.result.done():
+                self._changed.wait()
+            if request.result.done():
+                return request.result.result()
+            self._leading = True
+        try:
+            with self._hold_model():
+                while not request.result.done():  # oldest first, so ours is in one of these calls
+                    with self._changed:
+                        taken, self._waiting = self._waiting[: self.max_rows], self._waiting[self.max_rows:]
+                    self._make(taken)
+                    with self._changed:
+                        self._changed.notify_all()
+        finally:
+            with self._changed:
+                if request in self._waiting:  # the model was never ours (a stopped run's slot, say)
+                    self._waiting.remove(request)
+                self._leading = False
+                self._changed.notify_all()
         return request.result.result()
 
     def _make(self, requests: list[_Request]) -> None:
-        live = [r for r in requests if not r.stopped]
-        for r in requests:
-            if r.stopped:
+        """Every request's future is set when this returns, whatever happens."""
+        try:
+            self._make_turns(requests)
+        finally:
+            for r in requests:
+                if not r.result.done():
+                    r.result.set_exception(RuntimeError("the batched turn was lost (see the log)"))
+
+    def _make_turns(self, requests: list[_Request]) -> None:
+        stopped = [r.stopped for r in requests]  # one reading: an event may fire while we look
+        live = [r for r, s in zip(requests, stopped) if not s]
+        for r, s in zip(requests, stopped):
+            if s:
                 r.result.set_exception(GenerationCancelled("stopped before the turn"))
         if not live:
             return
