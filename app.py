@@ -4,9 +4,11 @@ import spaces  # noqa: F401  - before torch: ZeroGPU patches CUDA on import
 
 import os
 
+from usersim_ui.memory import limit_malloc_growth
 from usersim_ui.ui import build_app, simulator
 
 if __name__ == "__main__":
+    limit_malloc_growth()  # a long-running server: keep RSS flat (usersim_ui/memory.py says why)
     simulator()  # load (and on first run convert) the models before the page opens
     port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
     print(f"UserSim Studio: open http://localhost:{port}", flush=True)

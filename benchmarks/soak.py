@@ -287,6 +287,8 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--duration", type=float, default=300.0)
     parser.add_argument("--down", type=float, default=5.0, help="seconds the assistant stays dead")
+    parser.add_argument("--malloc", choices=["limited", "glibc"], default="limited",
+                        help="limited: usersim_ui.memory's settings, as app.py applies them; glibc: its defaults")
     parser.add_argument("--serve-assistant", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--delay", type=float, default=0.02, help=argparse.SUPPRESS)
     parser.add_argument("--words", type=int, default=8, help=argparse.SUPPRESS)
@@ -294,6 +296,12 @@ def main() -> None:
     if args.serve_assistant is not None:
         serve_assistant(args.serve_assistant, args.delay, args.words)
         return
+    if args.malloc == "limited":
+        from usersim_ui.memory import limit_malloc_growth
+
+        print(f"malloc: {limit_malloc_growth() or 'left as the environment set it'} (as app.py does)")
+    else:
+        print("malloc: glibc's defaults")
     report = run_soak(args.sessions, args.duration, down_s=args.down)
     print(summary(report))
     print("RSS series (s, MB, threads): " + " ".join(f"{t:.0f}:{mb}:{n}" for t, mb, n in report["rss_series"]))

@@ -457,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .memory import limit_malloc_growth
+
+    limit_malloc_growth()  # many threads, one model on the CPU: keep RSS flat (memory.py says why)
     arm_a = Arm("A", args.assistant, parse_guardrails(args.guardrails))
     arms = [arm_a]
     if args.assistant_b or args.guardrails_b:
