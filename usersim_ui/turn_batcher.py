@@ -39,7 +39,7 @@ class _TurnSettings:
     context_budget: int
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two dialogues may ask for the very same turn
 class _Request:
     dialogue: Dialogue
     settings: _TurnSettings
