@@ -186,27 +186,22 @@ def arms_from_records(records: Sequence[dict[str, Any]]) -> dict[str, list[Dialo
 # ---- running --------------------------------------------------------------------------------
 
 class Serialised:
-    """Calls into one in-process model, one at a time: threads would only fight over the same cores.
+    """Calls into one in-process model, one at a time under ``lock``: threads would only fight
+    over the same cores. (The app's batch tab does not use this: its turns take the model slot
+    in ``events.turn_maker``.)"""
 
-    ``lock`` is a lock, or a callable that returns a fresh context manager per call (the app
-    passes its shared model slot, so a batch and interactive turns take turns on the model).
-    """
-
-    def __init__(self, inner: Any, lock: Any):
+    def __init__(self, inner: Any, lock: threading.Lock):
         self._inner, self._lock = inner, lock
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def _guard(self) -> Any:
-        return self._lock() if callable(self._lock) else self._lock
-
     def generate_turn(self, *args: Any, **kwargs: Any) -> Any:
-        with self._guard():
+        with self._lock:
             return self._inner.generate_turn(*args, **kwargs)
 
     def reply(self, *args: Any, **kwargs: Any) -> Any:
-        with self._guard():
+        with self._lock:
             return self._inner.reply(*args, **kwargs)
 
 

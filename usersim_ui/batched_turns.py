@@ -215,11 +215,13 @@ def batched_sample(simulator: UserSimulator, groups: list[Group], stop_event: th
         end = next((j for j, t in enumerate(row) if t in ends), None)
         truncated.append(end is None)
         new_ids.append(row if end is None else (row[:end + 1] if row[end] in keep else row[:end]))
-    cached = length - 1 if prompt_cache is not None else 0
     kept = PromptCache.from_call(out.past_key_values, length, groups) if keep_cache else None
-    return BatchResult(new_ids, truncated, first.value, latency,
-                       prefill_tokens=len(rows) if cached else sum(len(r) for r in rows),
-                       padded_tokens=(length - cached) * len(rows), cache=kept)
+    if prompt_cache is not None:  # every row prefilled its last prompt token only
+        prefilled, ran = len(rows), len(rows)
+    else:
+        prefilled, ran = sum(len(r) for r in rows), length * len(rows)
+    return BatchResult(new_ids, truncated, first.value, latency, prefill_tokens=prefilled, padded_tokens=ran,
+                       cache=kept)
 
 
 @dataclass
