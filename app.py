@@ -1,11 +1,11 @@
 """UserSim Studio: builds and launches the Gradio app (``python app.py``)."""
 
-import spaces  # noqa: F401  - before torch: ZeroGPU patches CUDA on import
-
 import os
 
-from usersim_ui.memory import limit_malloc_growth
-from usersim_ui.ui import build_app, simulator
+import spaces  # noqa: F401  - before torch: ZeroGPU patches CUDA on import
+
+from usersim_ui.app.studio import build_app, simulator
+from usersim_ui.inference.memory import limit_malloc_growth
 
 if __name__ == "__main__":
     limit_malloc_growth()  # a long-running server: keep RSS flat (usersim_ui/memory.py says why)

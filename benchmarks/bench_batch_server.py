@@ -36,13 +36,18 @@ from pathlib import Path
 
 import httpx
 
-from usersim_ui.batch import Arm, make_assistant, plan, read_records, run_batch
-from usersim_ui.dialogue import GuardrailSettings, SamplingSettings, dialogue_from_dict
-from usersim_ui.engine import RunSettings
-from usersim_ui.intents import load_sample_intents
-from usersim_ui.model_loading import smollm2_gguf_path
-from usersim_ui.prompt_formats import PromptedUserFormat
-from usersim_ui.remote_user import CompletionsUserSimulator
+from usersim_ui.batch.cli import make_assistant
+from usersim_ui.batch.runner import Arm, plan, read_records, run_batch
+from usersim_ui.core.dialogue import (
+    GuardrailSettings,
+    SamplingSettings,
+    dialogue_from_dict,
+)
+from usersim_ui.core.intents import load_sample_intents
+from usersim_ui.core.transitions import RunSettings
+from usersim_ui.inference.model_loading import smollm2_gguf_path
+from usersim_ui.prompts.formats import PromptedUserFormat
+from usersim_ui.users.remote import CompletionsUserSimulator
 
 
 def server_binary() -> str:
@@ -106,7 +111,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--levels", default="1,4,16")
     args = parser.parse_args()
-    from usersim_ui.defaults import offline_chat_model
+    from usersim_ui.inference.model_loading import offline_chat_model
 
     tok = offline_chat_model().tokenizer  # the served model's tokenizer: the ids are built here
     on = GuardrailSettings()

@@ -13,14 +13,20 @@ import time
 
 import torch
 
-from benchmarks.common import INTENTS, add_model_arguments, machine, replies, userlm_shaped_model
-from usersim_ui.batched_turns import generate_user_turns
-from usersim_ui.dialogue import Dialogue, GuardrailSettings, SamplingSettings, Turn
-from usersim_ui.engine import RunSettings
-from usersim_ui.model_loading import LoadedModel
-from usersim_ui.prompt_formats import UserLMFormat
-from usersim_ui.simulator import UserSimulator
-from usersim_ui.tiny_userlm import llama3_userlm_tokenizer
+from benchmarks.common import (
+    INTENTS,
+    add_model_arguments,
+    machine,
+    replies,
+    userlm_shaped_model,
+)
+from usersim_ui.core.dialogue import Dialogue, GuardrailSettings, SamplingSettings, Turn
+from usersim_ui.core.transitions import RunSettings
+from usersim_ui.inference.model_loading import LoadedModel
+from usersim_ui.inference.tiny_userlm import llama3_userlm_tokenizer
+from usersim_ui.prompts.formats import UserLMFormat
+from usersim_ui.users.batched import generate_user_turns
+from usersim_ui.users.local import UserSimulator
 
 
 def decode_step_s(model: torch.nn.Module, rows: int, prompt: int = 200, steps: int = 6) -> float:

@@ -13,7 +13,7 @@ import gc
 import torch
 
 from benchmarks.common import machine, peak_rss, userlm_shaped_model
-from usersim_ui.generation import FirstLogits
+from usersim_ui.inference.generation import FirstLogits
 
 
 def main() -> None:

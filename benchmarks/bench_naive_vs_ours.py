@@ -24,18 +24,33 @@ import time
 
 import torch
 
-from benchmarks.common import (END_CONVERSATION_ID, add_model_arguments, INTENTS, count_forwards, kv_bytes, machine, peak_rss, replies,
-                               userlm_shaped_model)
-from usersim_ui.backends import ScriptedAssistant
-from usersim_ui.dialogue import Dialogue, GuardrailSettings, SamplingSettings, Turn, count_words
-from usersim_ui.engine import RunSettings, assistant_turn
-from usersim_ui.guardrails import normalise, rejection_reason
-from usersim_ui.model_loading import LoadedModel
-from usersim_ui.prefix_cache import PrefixCache
-from usersim_ui.prompt_formats import UserLMFormat
-from usersim_ui.seeds import round_seed, turn_seed
-from usersim_ui.simulator import UserSimulator
-from usersim_ui.tiny_userlm import llama3_userlm_tokenizer
+from benchmarks.common import (
+    END_CONVERSATION_ID,
+    INTENTS,
+    add_model_arguments,
+    count_forwards,
+    kv_bytes,
+    machine,
+    peak_rss,
+    replies,
+    userlm_shaped_model,
+)
+from usersim_ui.assistants.scripted import ScriptedAssistant
+from usersim_ui.core.dialogue import (
+    Dialogue,
+    GuardrailSettings,
+    SamplingSettings,
+    Turn,
+    count_words,
+)
+from usersim_ui.core.guardrails import normalise, rejection_reason
+from usersim_ui.core.seeds import draw_seed, turn_seed
+from usersim_ui.core.transitions import RunSettings, assistant_turn
+from usersim_ui.inference.model_loading import LoadedModel
+from usersim_ui.inference.prefix_cache import PrefixCache
+from usersim_ui.inference.tiny_userlm import llama3_userlm_tokenizer
+from usersim_ui.prompts.formats import UserLMFormat
+from usersim_ui.users.local import UserSimulator
 
 
 class NaiveUser:
@@ -55,7 +70,7 @@ class NaiveUser:
         earlier = [t.text for t in dialogue.turns if t.role == "user"]
         samples, text, ends = 0, "", False
         for round_no in range(1 + self.g.retry_cap):
-            torch.manual_seed(round_seed(seed, round_no))
+            torch.manual_seed(draw_seed(seed, round_no))
             with torch.inference_mode():
                 out = self.model.generate(**enc, do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
                                           top_k=None, max_new_tokens=sampling.max_new_tokens + 1,

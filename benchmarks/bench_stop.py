@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 def measure(stream_fn, repeats: int, after: int) -> tuple[list[float], list[float]]:
     """Seconds from Stop to the stream's close returning, and seconds per token, per turn."""
-    from usersim_ui import engine
-    from usersim_ui.defaults import BackendSpec
-    from usersim_ui.dialogue import Dialogue, GuardrailSettings, SamplingSettings
+    from usersim_ui.assistants.registry import BackendSpec
+    from usersim_ui.core import transitions as engine
+    from usersim_ui.core.dialogue import Dialogue, GuardrailSettings, SamplingSettings
 
     off = GuardrailSettings(first_token_filter=False, no_early_ending=False, length_thresholds=False,
                             verbatim_repetition=False)
@@ -52,8 +52,9 @@ def main() -> None:
 
     import test_zerogpu_worker as zg  # the same wrapper setup the test uses
     from conftest import userlm_sim
-    from usersim_ui import gpu
-    from usersim_ui.tiny_userlm import llama3_userlm_tokenizer
+
+    from usersim_ui.app import zerogpu as gpu
+    from usersim_ui.inference.tiny_userlm import llama3_userlm_tokenizer
 
     gpu._simulator = userlm_sim(llama3_userlm_tokenizer())
     local = measure(gpu.model_turn_stream, args.repeats, args.after)

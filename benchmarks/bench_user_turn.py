@@ -11,10 +11,10 @@ import argparse
 import statistics
 import time
 
-from usersim_ui.dialogue import Dialogue, GuardrailSettings, SamplingSettings
-from usersim_ui.defaults import offline_chat_model
-from usersim_ui.intents import load_sample_intents
-from usersim_ui.simulator import UserSimulator
+from usersim_ui.core.dialogue import Dialogue, GuardrailSettings, SamplingSettings
+from usersim_ui.core.intents import load_sample_intents
+from usersim_ui.inference.model_loading import offline_chat_model
+from usersim_ui.users.local import UserSimulator
 
 
 def main() -> None:

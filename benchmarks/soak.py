@@ -6,7 +6,7 @@ Checked at the end (``check(report)``): no lost turn (each session's export hold
 its last reply showed), no cross-session leak (each export has its session's intent), errors
 only on runs that overlapped the assistant's death and that name the endpoint, RSS at the end
 within 15% of RSS after warm-up. Reported: the p50/p95 wait of a queued run for the model
-(``usersim_ui.events.RUNS.waits_s``).
+(``usersim_ui.app.handlers.RUNS.waits_s``).
 
     python -m benchmarks.soak --sessions 8 --duration 300
 """
@@ -180,9 +180,9 @@ def rss_mb() -> float:
 def run_soak(sessions: int = 8, duration_s: float = 300.0, kill_at: float = 0.4, down_s: float = 5.0,
              warmup_s: float | None = None) -> dict[str, Any]:
     """Run the soak and return its report (see :func:`check`)."""
-    from usersim_ui import events
-    from usersim_ui.gpu import simulator
-    from usersim_ui.ui import build_app
+    from usersim_ui.app import handlers as events
+    from usersim_ui.app.studio import build_app
+    from usersim_ui.app.zerogpu import simulator
 
     simulator()  # load the offline models before the clock starts
     assistant = Assistant(free_port())
@@ -288,7 +288,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=300.0)
     parser.add_argument("--down", type=float, default=5.0, help="seconds the assistant stays dead")
     parser.add_argument("--malloc", choices=["limited", "glibc"], default="limited",
-                        help="limited: usersim_ui.memory's settings, as app.py applies them; glibc: its defaults")
+                        help="limited: usersim_ui.inference.memory's settings, as app.py applies them; glibc: its defaults")
     parser.add_argument("--serve-assistant", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--delay", type=float, default=0.02, help=argparse.SUPPRESS)
     parser.add_argument("--words", type=int, default=8, help=argparse.SUPPRESS)
@@ -297,7 +297,7 @@ def main() -> None:
         serve_assistant(args.serve_assistant, args.delay, args.words)
         return
     if args.malloc == "limited":
-        from usersim_ui.memory import limit_malloc_growth
+        from usersim_ui.inference.memory import limit_malloc_growth
 
         print(f"malloc: {limit_malloc_growth() or 'left as the environment set it'} (as app.py does)")
     else:

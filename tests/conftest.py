@@ -11,10 +11,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from usersim_ui.model_loading import LoadedModel  # noqa: E402
-from usersim_ui.prompt_formats import UserLMFormat  # noqa: E402
-from usersim_ui.simulator import UserSimulator  # noqa: E402
-from usersim_ui.tiny_userlm import llama3_userlm_tokenizer, tiny_userlm_model  # noqa: E402
+from usersim_ui.inference.model_loading import LoadedModel  # noqa: E402
+from usersim_ui.inference.tiny_userlm import llama3_userlm_tokenizer, tiny_userlm_model  # noqa: E402
+from usersim_ui.prompts.formats import UserLMFormat  # noqa: E402
+from usersim_ui.users.local import UserSimulator  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +50,6 @@ def tiny_sim(llama_tok) -> UserSimulator:
 
 @pytest.fixture(scope="session")
 def smollm2() -> LoadedModel:
-    from usersim_ui.defaults import offline_chat_model
+    from usersim_ui.inference.model_loading import offline_chat_model
 
     return offline_chat_model()

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from loopback_openai import LoopbackOpenAI
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -26,7 +25,7 @@ SKIP = {"__type__": "update"}
 
 @pytest.fixture(scope="module")
 def app_url(smollm2):
-    from usersim_ui.ui import build_app
+    from usersim_ui.app.studio import build_app
 
     demo = build_app().queue(default_concurrency_limit=1)
     _app, url, _share = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
@@ -145,7 +144,7 @@ def test_a_second_run_in_the_same_session_is_refused(app_url, trickle):
 
 def test_stop_reaches_a_run_that_waits_for_the_model(app_url):
     """Issue case 2: another session holds the model; Stop ends the queued run at once."""
-    from usersim_ui.events import RUNS
+    from usersim_ui.app.handlers import RUNS
 
     client = gradio_client.Client(app_url, verbose=False)
     with RUNS.start("another-session") as other, RUNS.model_slot(other):
@@ -278,7 +277,7 @@ def test_each_malformed_record_is_refused_with_line_and_field(app_url, tmp_path,
 
 def test_exports_replace_each_other_in_the_sessions_folder_which_goes_with_the_session(app_url):
     """Issue case 10: one file per session at a time, removed when the session is released."""
-    from usersim_ui import events
+    from usersim_ui.app import handlers as events
 
     client = gradio_client.Client(app_url, verbose=False)
     call(client, "/next_user_turn")
@@ -291,7 +290,7 @@ def test_exports_replace_each_other_in_the_sessions_folder_which_goes_with_the_s
 
 
 def test_every_gallery_example_loads_in_one_call_and_names_its_models(app_url):
-    from usersim_ui.examples import load_examples
+    from usersim_ui.app.examples import load_examples
 
     examples = load_examples()
     assert len(examples) >= 3

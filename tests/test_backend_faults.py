@@ -7,10 +7,10 @@ import threading
 import time
 
 import pytest
-
 from loopback_openai import LoopbackOpenAI
-from usersim_ui.backends import BackendError, OpenAIAssistant
-from usersim_ui.generation import GenerationCancelled
+
+from usersim_ui.assistants.openai import OpenAIAssistant
+from usersim_ui.core.errors import BackendError, GenerationCancelled
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -60,8 +60,8 @@ def test_stop_cuts_a_streamed_reply_short(server):
 
 
 def test_a_local_assistant_refuses_a_prompt_longer_than_its_context_before_any_compute(smollm2):
-    from usersim_ui.backends import TransformersAssistant
-    from usersim_ui.limits import ContextTooLong
+    from usersim_ui.assistants.local import TransformersAssistant
+    from usersim_ui.core.errors import ContextTooLong
 
     context = smollm2.model.config.max_position_embeddings
     assistant = TransformersAssistant(smollm2, max_new_tokens=256)

@@ -1,5 +1,5 @@
 """Batch runs from the command line, resuming, A/B seeds, and every reported number recounted
-from the JSONL by code that shares nothing with usersim_ui.distribution."""
+from the JSONL by code that shares nothing with usersim_ui.analysis.distribution."""
 
 from __future__ import annotations
 
@@ -16,9 +16,20 @@ from pathlib import Path
 
 import pytest
 
-from usersim_ui import distribution as dist
-from usersim_ui.batch import parse_guardrails, read_records, sample_seed, write_reports
-from usersim_ui.dialogue import Dialogue, GuardrailEvent, GuardrailSettings, RejectedSample, Turn
+from usersim_ui.analysis import distribution as dist
+from usersim_ui.batch.runner import (
+    read_records,
+    sample_seed,
+    write_reports,
+)
+from usersim_ui.core.dialogue import (
+    Dialogue,
+    GuardrailEvent,
+    GuardrailSettings,
+    RejectedSample,
+    Turn,
+)
+from usersim_ui.core.guardrails import parse_guardrails
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -305,10 +316,11 @@ def test_distribution_numbers_on_known_dialogues():
 
 def test_batch_tab_builds_and_its_handler_runs_an_ab_batch(tmp_path: Path, monkeypatch, llama_tok):
     import gradio as gr
-
     from conftest import userlm_sim
     from loopback_openai import LoopbackOpenAI
-    from usersim_ui import batch_tab, gpu
+
+    from usersim_ui.app import batch_tab
+    from usersim_ui.app import zerogpu as gpu
 
     with gr.Blocks() as demo:
         with gr.Tab("Batch"):

@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-
 from conftest import userlm_sim
-from usersim_ui.batched_turns import generate_user_turns
-from usersim_ui.dialogue import Dialogue, GuardrailSettings, SamplingSettings, Turn
-from usersim_ui.engine import RunSettings
-from usersim_ui.userlm_format import END_CONVERSATION_ID, encode_plain
+
+from usersim_ui.core.dialogue import Dialogue, GuardrailSettings, SamplingSettings, Turn
+from usersim_ui.core.transitions import RunSettings
+from usersim_ui.prompts.userlm import END_CONVERSATION_ID, encode_plain
+from usersim_ui.users.batched import generate_user_turns
 
 EOT = 128009
 OFF = GuardrailSettings(first_token_filter=False, no_early_ending=False, length_thresholds=False,

@@ -20,7 +20,7 @@ TURN_TIMEOUT = 120_000
 
 @pytest.fixture(scope="module")
 def app_url(smollm2):
-    from usersim_ui.ui import build_app
+    from usersim_ui.app.studio import build_app
 
     demo = build_app(max_new_tokens=24, assistant_max_tokens=16, max_turns=4).queue(default_concurrency_limit=1)
     _app, url, _share = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from test_browser import CHROMIUM, INTENT, SHOTS, TURN_TIMEOUT, sync_api
 
 pytestmark = [pytest.mark.browser, pytest.mark.skipif(not CHROMIUM, reason="Debian's chromium is not installed")]
@@ -30,7 +29,7 @@ TITLES_INSIDE = """sel => {
 
 @pytest.fixture(scope="module")
 def app_url(smollm2):
-    from usersim_ui.ui import build_app
+    from usersim_ui.app.studio import build_app
 
     demo = build_app(max_new_tokens=24, max_turns=3).queue(default_concurrency_limit=1)
     _app, url, _share = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
@@ -97,7 +96,7 @@ def test_desktop_shows_toggles_beside_the_dialogue_and_disables_controls_during_
     expect(page.get_by_role("button", name="Undo last turn", exact=True)).to_be_disabled()  # nothing to undo
 
     # closing the tab releases what the session held (demo.unload)
-    from usersim_ui.events import RUNS
+    from usersim_ui.app.handlers import RUNS
 
     forgotten: list[tuple[str, dict]] = []
     release = RUNS.on_forget

@@ -8,10 +8,21 @@ import math
 
 import pytest
 
-from usersim_ui.charts import guardrail_figure, lengths_figure, p_end_figure
-from usersim_ui.dialogue import Dialogue, GuardrailEvent, GuardrailSettings, RejectedSample, Turn
-from usersim_ui.metrics import format_probability, summary, turn_table
-from usersim_ui.transcript import badge_line, end_line, summary_text, to_markdown
+from usersim_ui.analysis.charts import guardrail_figure, lengths_figure, p_end_figure
+from usersim_ui.analysis.metrics import format_probability, summary, turn_table
+from usersim_ui.analysis.transcript import (
+    badge_line,
+    end_line,
+    summary_text,
+    to_markdown,
+)
+from usersim_ui.core.dialogue import (
+    Dialogue,
+    GuardrailEvent,
+    GuardrailSettings,
+    RejectedSample,
+    Turn,
+)
 
 P_ENDS = {1: 3e-4, 3: 2.4e-4, 5: 0.004, 9: 0.35}  # turn number -> P(end), user turns the model wrote
 MASKED_TURNS = [1, 5]

@@ -8,14 +8,41 @@ from dataclasses import replace
 
 import pytest
 
-from usersim_ui.backends import BackendError, ScriptedAssistant, TransformersAssistant
-from usersim_ui.dialogue import (Dialogue, GuardrailEvent, GuardrailSettings, RejectedSample, SamplingSettings, Turn,
-                                 dialogue_to_dict, dialogues_from_jsonl, dialogues_to_jsonl)
-from usersim_ui.engine import (DialogueOver, NeedsResearcher, RunSettings, assistant_turn, edit_turn, end_by_researcher,
-                               new_dialogue, next_turn, regenerate, researcher_turn, run, undo, user_turn, auto_run)
-from usersim_ui.generation import GenerationCancelled
-from usersim_ui.intents import load_sample_intents
-from usersim_ui.transcript import badge_line, to_markdown
+from usersim_ui.analysis.transcript import badge_line, to_markdown
+from usersim_ui.assistants.local import TransformersAssistant
+from usersim_ui.assistants.scripted import ScriptedAssistant
+from usersim_ui.core.dialogue import (
+    Dialogue,
+    GuardrailEvent,
+    GuardrailSettings,
+    RejectedSample,
+    SamplingSettings,
+    Turn,
+    dialogue_to_dict,
+    dialogues_from_jsonl,
+    dialogues_to_jsonl,
+)
+from usersim_ui.core.errors import (
+    BackendError,
+    DialogueOver,
+    GenerationCancelled,
+    NeedsResearcher,
+)
+from usersim_ui.core.intents import load_sample_intents
+from usersim_ui.core.transitions import (
+    RunSettings,
+    assistant_turn,
+    auto_run,
+    edit_turn,
+    end_by_researcher,
+    new_dialogue,
+    next_turn,
+    regenerate,
+    researcher_turn,
+    run,
+    undo,
+    user_turn,
+)
 
 FAST = RunSettings(sampling=SamplingSettings(max_new_tokens=6, seed=3),
                    guardrails=GuardrailSettings(min_words=1, max_words=1000), max_turns=3)
@@ -134,7 +161,7 @@ def test_simulate_cli_prints_a_whole_dialogue(smollm2, capsys):
 
 
 def test_dialogue_dict_has_no_secrets(tiny_sim):
-    from usersim_ui.backends import OpenAIAssistant
+    from usersim_ui.assistants.openai import OpenAIAssistant
 
     backend = OpenAIAssistant(base_url="http://127.0.0.1:9/v1", model="m", api_key="sk-secret")
     dialogue = new_dialogue("You want a cake recipe.", tiny_sim, backend)
@@ -142,8 +169,8 @@ def test_dialogue_dict_has_no_secrets(tiny_sim):
 
 
 def test_local_backend_by_path_and_a_bad_path(smollm2):
-    from usersim_ui.defaults import BackendSpec, make_backend
-    from usersim_ui.model_loading import smollm2_cache_path
+    from usersim_ui.assistants.registry import BackendSpec, make_backend
+    from usersim_ui.inference.model_loading import smollm2_cache_path
 
     backend = make_backend(BackendSpec(kind="local", model=str(smollm2_cache_path()), max_tokens=6))
     assert backend.name == str(smollm2_cache_path()) and backend.reply([{"role": "user", "content": "Hi"}]).text

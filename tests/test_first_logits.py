@@ -6,9 +6,9 @@ from __future__ import annotations
 import threading
 
 import torch
-
 from conftest import biased_userlm
-from usersim_ui.generation import FirstLogits
+
+from usersim_ui.inference.generation import FirstLogits
 
 
 def test_the_hook_gives_generates_own_first_step_logits_for_a_padded_batch(llama_tok):

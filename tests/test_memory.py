@@ -9,7 +9,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROBE = "from usersim_ui.memory import limit_malloc_growth as f; a = f(); print(sorted(a.items()), f() is a)"
+PROBE = "from usersim_ui.inference.memory import limit_malloc_growth as f; a = f(); print(sorted(a.items()), f() is a)"
 
 
 def probe(**env: str) -> str:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from usersim_ui.charts import ENDED_NAME, P_END_NAME, guardrail_figure, lengths_figure, p_end_figure
-from usersim_ui.dialogue import Dialogue, GuardrailEvent, RejectedSample, Turn
-from usersim_ui.metrics import summary, turn_table
+from usersim_ui.analysis.charts import (
+    ENDED_NAME,
+    P_END_NAME,
+    guardrail_figure,
+    lengths_figure,
+    p_end_figure,
+)
+from usersim_ui.analysis.metrics import summary, turn_table
+from usersim_ui.core.dialogue import Dialogue, GuardrailEvent, RejectedSample, Turn
 
 
 def dialogue() -> Dialogue:

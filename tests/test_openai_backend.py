@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from usersim_ui.backends import BackendError, OpenAIAssistant
-from usersim_ui.defaults import BackendSpec, make_backend
-from usersim_ui.engine import RunSettings, assistant_turn
-from usersim_ui.dialogue import Dialogue, Turn
-from usersim_ui.generation import GenerationCancelled
-from usersim_ui.model_loading import smollm2_cache_path
+from usersim_ui.assistants.openai import OpenAIAssistant
+from usersim_ui.assistants.registry import BackendSpec, make_backend
+from usersim_ui.core.dialogue import Dialogue, Turn
+from usersim_ui.core.errors import BackendError, GenerationCancelled
+from usersim_ui.core.transitions import RunSettings, assistant_turn
+from usersim_ui.inference.model_loading import smollm2_cache_path
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -8,17 +8,24 @@ from dataclasses import replace
 
 import pytest
 import torch
-
-import usersim_ui.simulator as simulator_module
 from conftest import biased_userlm
-from usersim_ui import engine
-from usersim_ui.dialogue import Dialogue, GuardrailSettings, SamplingSettings, Turn, dialogues_from_jsonl, dialogues_to_jsonl
-from usersim_ui.generation import GenerationCancelled
-from usersim_ui.model_loading import LoadedModel
-from usersim_ui.prefix_cache import PrefixCache, common_prefix_length
-from usersim_ui.prompt_formats import UserLMFormat
-from usersim_ui.simulator import UserSimulator
-from usersim_ui.userlm_format import END_CONVERSATION_ID
+
+import usersim_ui.users.local as simulator_module
+from usersim_ui.core import transitions as engine
+from usersim_ui.core.dialogue import (
+    Dialogue,
+    GuardrailSettings,
+    SamplingSettings,
+    Turn,
+    dialogues_from_jsonl,
+    dialogues_to_jsonl,
+)
+from usersim_ui.core.errors import GenerationCancelled
+from usersim_ui.inference.model_loading import LoadedModel
+from usersim_ui.inference.prefix_cache import PrefixCache, common_prefix_length
+from usersim_ui.prompts.formats import UserLMFormat
+from usersim_ui.prompts.userlm import END_CONVERSATION_ID
+from usersim_ui.users.local import UserSimulator
 
 OFF = GuardrailSettings(first_token_filter=False, no_early_ending=False, length_thresholds=False,
                         verbatim_repetition=False)

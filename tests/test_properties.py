@@ -12,12 +12,21 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from usersim_ui import engine
-from usersim_ui.dialogue import (Dialogue, GuardrailEvent, GuardrailSettings, RejectedSample, SamplingSettings, Turn,
-                                 dialogues_from_jsonl, dialogues_to_jsonl)
-from usersim_ui.limits import MAX_INTENT_CHARS, ContextTooLong
-from usersim_ui.safe_text import _CODE_SPAN, _FENCE, literal_markdown
-from usersim_ui.userlm_format import encode_plain, userlm_prompt_ids
+from usersim_ui.analysis.safe_text import _CODE_SPAN, _FENCE, literal_markdown
+from usersim_ui.core import transitions as engine
+from usersim_ui.core.dialogue import (
+    Dialogue,
+    GuardrailEvent,
+    GuardrailSettings,
+    RejectedSample,
+    SamplingSettings,
+    Turn,
+    dialogues_from_jsonl,
+    dialogues_to_jsonl,
+)
+from usersim_ui.core.errors import ContextTooLong
+from usersim_ui.core.limits import MAX_INTENT_CHARS
+from usersim_ui.prompts.userlm import encode_plain, userlm_prompt_ids
 
 START, END, EOT = 128006, 128007, 128009
 FAST = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -68,7 +77,7 @@ def test_validate_intent_raises_only_its_documented_value_errors(intent):
 def test_trimming_keeps_the_intent(tiny_sim, llama_tok, intent, messages, budget, max_new):
     system = userlm_prompt_ids(llama_tok, intent, [])[:-3]  # the system block: header, intent, eot
     try:
-        fitted = tiny_sim.fit_prompt(intent, messages, budget, max_new)
+        fitted = tiny_sim.rules.fit_prompt(intent, messages, budget, max_new)
     except ContextTooLong:
         assert len(system) + 3 + 1 + max_new > budget  # only when the intent alone does not fit
         return

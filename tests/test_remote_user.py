@@ -28,12 +28,12 @@ import httpx
 import pytest
 import torch
 
-from usersim_ui.backends import BackendError
-from usersim_ui.dialogue import Dialogue, GuardrailSettings, SamplingSettings, Turn
-from usersim_ui.engine import RunSettings, user_turn
-from usersim_ui.prompt_formats import PromptedUserFormat, UserLMFormat
-from usersim_ui.remote_user import CompletionsUserSimulator
-from usersim_ui.userlm_format import END_CONVERSATION_ID, encode_plain
+from usersim_ui.core.dialogue import Dialogue, GuardrailSettings, SamplingSettings, Turn
+from usersim_ui.core.errors import BackendError
+from usersim_ui.core.transitions import RunSettings, user_turn
+from usersim_ui.prompts.formats import PromptedUserFormat, UserLMFormat
+from usersim_ui.prompts.userlm import END_CONVERSATION_ID, encode_plain
+from usersim_ui.users.remote import CompletionsUserSimulator
 
 OFF = GuardrailSettings(first_token_filter=False, no_early_ending=False, length_thresholds=False,
                         verbatim_repetition=False)
@@ -75,7 +75,8 @@ class FakeServer:
             return httpx.Response(200, json={"choices": [{"index": 0, "text": "x", "logprobs": {"token_logprobs": values}}]})
         forced = [t for t, b in bias.items() if b > 50]
         if forced and self.kind == "llama":
-            content = [{"id": forced[0], "token": "?", "logprob": self.lp(forced[0]), "top_logprobs": []}]
+            raw_top = [{"id": forced[0], "logprob": self.lp(forced[0])}, {"id": self.i, "logprob": math.log(0.6)}]
+            content = [{"id": forced[0], "token": "?", "logprob": self.lp(forced[0]), "top_logprobs": raw_top}]
             return httpx.Response(200, json={"choices": [{"index": 0, "text": "?", "logprobs": {"content": content}}]})
         # sampling: a model that wants to open with "I"
         cont = prompt[-1] in (self.i, self.can)
@@ -282,7 +283,7 @@ def f32_gguf() -> Path:
     from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
     from gguf.quants import dequantize
 
-    from usersim_ui.model_loading import cache_dir, smollm2_gguf_path
+    from usersim_ui.inference.model_loading import cache_dir, smollm2_gguf_path
 
     target = cache_dir() / "smollm2-135m-instruct-f32.gguf"
     if target.exists():
@@ -312,7 +313,7 @@ def f32_gguf() -> Path:
 def servers():
     """Two servers on the same SmolLM2: the Q4_1 GGUF as shipped, and its float32 dequantisation
     with a float32 KV cache (llama-server's default f16 cache alone moves P by up to 3e-4)."""
-    from usersim_ui.model_loading import smollm2_gguf_path
+    from usersim_ui.inference.model_loading import smollm2_gguf_path
 
     if llama_server_binary() is None:
         pytest.skip("no llama-server")
@@ -338,7 +339,7 @@ ENDING = [  # (intent, messages) where a prompted user has reason to leave, and 
 
 def local_p_end(smollm2, fmt, intent, messages) -> float:
     """P(end) as the in-process simulator computes it, from transformers' logits."""
-    from usersim_ui.simulator import UserSimulator
+    from usersim_ui.users.local import UserSimulator
 
     sim = UserSimulator(smollm2, fmt)
     ids = fmt.prompt_ids(intent, messages)
@@ -372,7 +373,7 @@ def test_p_end_from_the_server_equals_the_in_process_value(servers, smollm2):
     by up to 0.6 nats, varying from run to run with the slots' prefix-cache state; for it only
     the log-probability is checked, within 1 nat: the right tokens at the right positions (a
     wrong position or token is off by several nats), not exactness."""
-    from usersim_ui.prompt_formats import PROMPTED_USER_SYSTEM
+    from usersim_ui.prompts.formats import PROMPTED_USER_SYSTEM
 
     tok = smollm2.tokenizer
     system = PROMPTED_USER_SYSTEM.split(" When your goal")[0]  # a prompt that does not name the marker
@@ -415,11 +416,11 @@ def test_first_token_ban_applies_at_position_zero_only(servers, smollm2):
     # ban the greedy second token: position 0 is unaffected, and position 1 still produces it
     second = ids[1]
     if second != ids[0]:
-        sim.banned_ids = lambda words: [second]  # type: ignore[method-assign]
+        sim.rules.banned_ids = lambda words, any_case=False: [second]  # type: ignore[method-assign]
         again = sim.generate_turn(dialogue, replace(OFF, first_token_filter=True), greedy)
         assert encode_plain(tok, again.text)[:2] == ids[:2]
     # ban the greedy first token: the turn must open with something else
-    sim.banned_ids = lambda words: [ids[0]]  # type: ignore[method-assign]
+    sim.rules.banned_ids = lambda words, any_case=False: [ids[0]]  # type: ignore[method-assign]
     banned = sim.generate_turn(dialogue, replace(OFF, first_token_filter=True), greedy)
     assert encode_plain(tok, banned.text)[0] != ids[0]
     [event] = [e for e in banned.guardrails if e.guardrail == "first_token"]
@@ -444,7 +445,7 @@ def test_n_samples_differ_and_the_seed_reproduces_them(servers, smollm2):
 
 @needs_server
 def test_a_server_killed_mid_turn_raises_and_keeps_the_dialogue(smollm2):
-    from usersim_ui.model_loading import smollm2_gguf_path
+    from usersim_ui.inference.model_loading import smollm2_gguf_path
 
     proc, url = start_llama_server(smollm2_gguf_path(), parallel=1)
     try:

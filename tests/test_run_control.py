@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from usersim_ui.dialogue import Dialogue, Turn
-from usersim_ui.generation import GenerationCancelled
-from usersim_ui.run_control import RunControl, RunRefused
+from usersim_ui.app.run_control import RunControl, RunRefused
+from usersim_ui.core.dialogue import Dialogue, Turn
+from usersim_ui.core.errors import GenerationCancelled
 
 D = Dialogue(intent="x", turns=(Turn("user", "a b c"),))
 

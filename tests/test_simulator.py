@@ -7,11 +7,16 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from conftest import userlm_sim
-from usersim_ui.dialogue import Dialogue, GuardrailSettings, SamplingSettings, Turn
-from usersim_ui.simulator import ContextTooLong, UserSimulator
-from usersim_ui.userlm_format import END_CONVERSATION_ID, encode_plain, userlm_prompt_ids
+
+from usersim_ui.core.dialogue import Dialogue, GuardrailSettings, SamplingSettings, Turn
+from usersim_ui.core.errors import ContextTooLong
+from usersim_ui.prompts.userlm import (
+    END_CONVERSATION_ID,
+    encode_plain,
+    userlm_prompt_ids,
+)
+from usersim_ui.users.local import UserSimulator
 
 OFF = GuardrailSettings(first_token_filter=False, no_early_ending=False, length_thresholds=False,
                         verbatim_repetition=False)
@@ -134,9 +139,9 @@ def test_context_budget_drops_oldest_exchanges_and_keeps_the_intent(tiny_sim):
         turns += [Turn(role="user", text=f"question number {i} " * 8), Turn(role="assistant", text=f"answer {i} " * 20)]
     dialogue = Dialogue(intent=INTENT, turns=tuple(turns))
     full = tiny_sim.format.prompt_ids(INTENT, dialogue.messages())
-    fitted = tiny_sim.fit_prompt(INTENT, dialogue.messages(), budget=len(full) - 1, max_new_tokens=0)
+    fitted = tiny_sim.rules.fit_prompt(INTENT, dialogue.messages(), budget=len(full) - 1, max_new_tokens=0)
     assert fitted.dropped_turns == 2
-    fitted = tiny_sim.fit_prompt(INTENT, dialogue.messages(), budget=len(full) // 2, max_new_tokens=8)
+    fitted = tiny_sim.rules.fit_prompt(INTENT, dialogue.messages(), budget=len(full) // 2, max_new_tokens=8)
     assert fitted.dropped_turns % 2 == 0 and fitted.dropped_turns > 2 and len(fitted.ids) + 8 <= len(full) // 2
     intent_part = tiny_sim.format.prompt_ids(INTENT, [])[:-4]  # system header + intent + <|eot_id|>
     assert fitted.ids[: len(intent_part)] == intent_part
@@ -146,7 +151,7 @@ def test_context_budget_drops_oldest_exchanges_and_keeps_the_intent(tiny_sim):
     assert turn.context_dropped_turns == fitted.dropped_turns
     assert any(e.guardrail == "context" for e in turn.guardrails)
     with pytest.raises(ContextTooLong):
-        tiny_sim.fit_prompt("a very long intent " * 200, [], budget=256, max_new_tokens=8)
+        tiny_sim.rules.fit_prompt("a very long intent " * 200, [], budget=256, max_new_tokens=8)
 
 
 def test_seed_makes_a_turn_reproducible(tiny_sim):
@@ -189,19 +194,19 @@ def test_the_end_marker_anywhere_ends_the_turn_and_what_follows_is_neither_kept_
     tok = tiny_sim.tokenizer
     words = encode_plain(tok, "thanks, bye")
     junk = encode_plain(tok, " trailing junk")
-    assert tiny_sim.decode_turn(words + [END_CONVERSATION_ID] + junk) == ("thanks, bye", True, len(words) + 1)
-    assert tiny_sim.decode_turn([END_CONVERSATION_ID] + junk) == ("", True, 1)
-    assert tiny_sim.decode_turn(words) == ("thanks, bye", False, len(words))
+    assert tiny_sim.rules.decode(words + [END_CONVERSATION_ID] + junk) == ("thanks, bye", True, len(words) + 1)
+    assert tiny_sim.rules.decode([END_CONVERSATION_ID] + junk) == ("", True, 1)
+    assert tiny_sim.rules.decode(words) == ("thanks, bye", False, len(words))
     # the literal text of the marker (not its id) is plain text and ends nothing
     literal = encode_plain(tok, "I typed <|endconversation|> here")
-    assert END_CONVERSATION_ID not in literal and tiny_sim.decode_turn(literal)[1] is False
+    assert END_CONVERSATION_ID not in literal and tiny_sim.rules.decode(literal)[1] is False
 
 
 def test_a_turn_that_says_something_then_ends_keeps_the_text_and_ends_the_dialogue(llama_tok, monkeypatch):
     import transformers
 
-    from usersim_ui import simulator as sim_module
-    from usersim_ui.engine import RunSettings, user_turn
+    from usersim_ui.core.transitions import RunSettings, user_turn
+    from usersim_ui.users import local as sim_module
 
     sim = userlm_sim(llama_tok)
     script = encode_plain(llama_tok, "ok thanks") + [END_CONVERSATION_ID]
@@ -226,7 +231,7 @@ def test_a_turn_that_says_something_then_ends_keeps_the_text_and_ends_the_dialog
 
 
 def test_userlm_on_a_cpu_without_room_refuses_before_loading(monkeypatch):
-    from usersim_ui import model_loading
+    from usersim_ui.inference import model_loading
 
     monkeypatch.setattr(model_loading, "available_memory_bytes", lambda: 8 * 2**30)
     monkeypatch.setattr(model_loading, "load_chat_model", lambda *a, **k: pytest.fail("must not load"))

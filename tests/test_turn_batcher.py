@@ -9,12 +9,11 @@ import time
 from dataclasses import replace
 
 import pytest
-
 from test_batched_turns import decisions, dialogues, settings, sharp  # noqa: F401 - sharp is a fixture
-from usersim_ui.dialogue import Dialogue
-from usersim_ui.generation import GenerationCancelled
-from usersim_ui.limits import ContextTooLong
-from usersim_ui.turn_batcher import TurnBatcher
+
+from usersim_ui.core.dialogue import Dialogue
+from usersim_ui.core.errors import ContextTooLong, GenerationCancelled
+from usersim_ui.users.batcher import TurnBatcher
 
 
 def queued_turns(batcher: TurnBatcher, model_lock: threading.Lock, work: list[tuple], timeout_s: float = 60.0

@@ -6,9 +6,10 @@ import logging
 
 import pytest
 
-from usersim_ui import events, gpu
-from usersim_ui.dialogue import Dialogue, GuardrailEvent, RejectedSample, Turn
-from usersim_ui.ui import control_states
+from usersim_ui.app import handlers as events
+from usersim_ui.app import zerogpu as gpu
+from usersim_ui.app.studio import control_states
+from usersim_ui.core.dialogue import Dialogue, GuardrailEvent, RejectedSample, Turn
 
 SETTINGS = [1.0, 0.8, 6, 0, 3, True, True, 0, True, 1, 1000, True, 2]  # settings_from_inputs order
 RESEARCHER = ["researcher", "", 0.7, 16, "", "", ""]

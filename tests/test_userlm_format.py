@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from usersim_ui.chat_ids import chat_template_ids
-from usersim_ui.prompt_formats import UserLMFormat
-from usersim_ui.userlm_format import END_CONVERSATION_ID, encode_plain, userlm_prompt_ids
+from usersim_ui.prompts.chat_ids import chat_template_ids
+from usersim_ui.prompts.formats import UserLMFormat
+from usersim_ui.prompts.userlm import (
+    END_CONVERSATION_ID,
+    encode_plain,
+    userlm_prompt_ids,
+)
 
 START, END, EOT = 128006, 128007, 128009
 INTENT = "You want to find the sum of 1, 2, 4, ... up to 2^15."
@@ -68,8 +72,8 @@ def test_chat_template_ids_defuse_chatml_injection(smollm2):
 
 
 def test_first_token_ban_follows_the_published_rule_and_any_case_is_an_option(llama_tok):
-    from usersim_ui.guardrails import banned_first_token_ids
-    from usersim_ui.userlm_format import encode_plain
+    from usersim_ui.core.guardrails import banned_first_token_ids
+    from usersim_ui.prompts.userlm import encode_plain
 
     one = lambda text: encode_plain(llama_tok, text)[0]  # noqa: E731
     published = set(banned_first_token_ids(llama_tok, ("I", "You", "Here")))

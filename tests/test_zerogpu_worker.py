@@ -13,11 +13,11 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 
-from usersim_ui import engine, gpu
-from usersim_ui.defaults import BackendSpec
-from usersim_ui.dialogue import Dialogue, GuardrailSettings, SamplingSettings
-from usersim_ui.generation import GenerationCancelled
-
+from usersim_ui.app import zerogpu as gpu
+from usersim_ui.assistants.registry import BackendSpec
+from usersim_ui.core import transitions as engine
+from usersim_ui.core.dialogue import Dialogue, GuardrailSettings, SamplingSettings
+from usersim_ui.core.errors import GenerationCancelled
 
 
 def _import_wrappers():
@@ -124,7 +124,8 @@ def test_a_batch_from_the_tab_makes_its_user_turns_in_the_forked_worker(zerogpu,
     from pathlib import Path
 
     from loopback_openai import LoopbackOpenAI
-    from usersim_ui import batch_tab
+
+    from usersim_ui.app import batch_tab
 
     pids = []
     forked = gpu.model_turn_stream  # spaces' wrapper: its generator runs in the worker, we see what it yields

@@ -6,12 +6,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from dataclasses import replace
 
-from .dialogue import GuardrailSettings, SamplingSettings, dialogues_to_jsonl
-from .engine import RunSettings, auto_run, new_dialogue
-from .intents import sample_intent
-from .transcript import badge_line, end_line
+from usersim_ui.analysis.transcript import badge_line, end_line
+from usersim_ui.core.dialogue import SamplingSettings, dialogues_to_jsonl
+from usersim_ui.core.guardrails import GUARDRAILS, GuardrailSettings
+from usersim_ui.core.intents import sample_intent
+from usersim_ui.core.transitions import RunSettings, auto_run, new_dialogue
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,26 +29,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=0.8)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--assistant-max-tokens", type=int, default=128)
-    for name in ("first-token-filter", "no-early-ending", "length-thresholds", "verbatim-repetition"):
-        parser.add_argument(f"--no-{name}", action="store_true", help=f"switch the {name} guardrail off")
+    parser.add_argument("--assistant", default="local",
+                        help="local, local:MODEL, openai:URL:MODEL (key from OPENAI_API_KEY) or scripted")
+    for g in GUARDRAILS:
+        parser.add_argument(f"--no-{g.field.replace('_', '-')}", action="store_true", dest=f"off_{g.field}",
+                            help=f"switch the {g.label} guardrail off ({g.help})")
     parser.add_argument("--jsonl", help="also write the dialogue to this JSONL file")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .defaults import default_assistant, default_simulator  # heavy: after argument errors
+    from usersim_ui.assistants.registry import (  # heavy: after argument errors
+        BackendSpec,
+        make_backend,
+        parse_spec,
+    )
+    from usersim_ui.users.registry import default_simulator
 
     intent = sample_intent(args.intent_id).intent if args.intent_id else args.intent
-    guardrails = GuardrailSettings(
-        first_token_filter=not args.no_first_token_filter, no_early_ending=not args.no_no_early_ending,
-        length_thresholds=not args.no_length_thresholds, verbatim_repetition=not args.no_verbatim_repetition,
-    )
+    guardrails = replace(GuardrailSettings(), **{g.field: not getattr(args, f"off_{g.field}") for g in GUARDRAILS})
     sampling = SamplingSettings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                                 seed=args.seed)
     settings = RunSettings(guardrails=guardrails, sampling=sampling, max_turns=args.max_turns)
     simulator = default_simulator(args.user_model)
-    assistant = default_assistant(max_new_tokens=args.assistant_max_tokens, seed=args.seed)
+    spec = parse_spec(args.assistant, BackendSpec(max_tokens=args.assistant_max_tokens, seed=args.seed,
+                                                  api_key=os.environ.get("OPENAI_API_KEY", "")))
+    assistant = make_backend(spec)
+    if assistant is None:
+        raise SystemExit("--assistant researcher needs the page (python app.py): here nobody would type the replies.")
     print(f"user: {simulator.model_id} on {simulator.device}\nassistant: {assistant.name}\nintent: {intent}\n")
     dialogue = new_dialogue(intent, simulator, assistant)
     printed = 0

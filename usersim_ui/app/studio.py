@@ -1,0 +1,368 @@
+"""The Gradio page: lays out components and wires each event to a handler in ``events``.
+
+Data flows one way: event -> handler -> core function (``engine``) -> new ``Dialogue`` in
+``gr.State`` -> ``events.render``. Overlapping events follow ``run_control``'s design; an event
+that cannot apply is a toast, and every output stays as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from usersim_ui.analysis.charts import guardrail_figure
+from usersim_ui.app import handlers as events
+from usersim_ui.app.batch_tab import build_batch_tab
+from usersim_ui.app.examples import load_examples
+from usersim_ui.app.zerogpu import simulator
+from usersim_ui.core import transitions as engine
+from usersim_ui.core.dialogue import Dialogue
+from usersim_ui.core.intents import load_sample_intents
+from usersim_ui.core.limits import MAX_INTENT_CHARS, MAX_TURN_CHARS
+
+BACKEND_CHOICES = [("Local model (SmolLM2-135M-Instruct)", "local"), ("OpenAI-compatible endpoint", "openai"),
+                   ("You are the assistant (type the replies)", "researcher")]
+__all__ = ["build_app", "simulator"]
+
+
+def model_info() -> str:
+    sim = simulator()
+    note = (" — a *prompted baseline*, not UserLM: UserLM-8b needs a GPU" if sim.is_prompted_baseline else "")
+    return f"**Simulated user:** `{sim.model_id}` on **{sim.device}**{note}"
+
+
+@dataclass
+class Page:
+    """The components the events are wired to."""
+
+    state: Any
+    intent: Any
+    settings: list[Any]  # settings_from_inputs' positional arguments (the API's order)
+    backend: list[Any]
+    extra: list[Any]  # settings added later, passed after the backend so API callers keep their order
+    view: list[Any]
+    buttons: dict[str, Any]
+    your_reply: Any
+    edit_no: Any
+    edit_text: Any
+    export_file: Any
+    import_file: Any
+    openai_box: Any
+    you_box: Any
+    info: Any
+    chatbot: Any
+    gallery: Any
+    examples: list[Any]
+
+
+# ---- layout --------------------------------------------------------------------------------
+
+def _gallery() -> tuple[Any, list[Any]]:
+    """Finished example dialogues, one click to load (each label says which model made it)."""
+    examples = load_examples()
+    if not examples:
+        return None, []
+    with gr.Accordion("Example dialogues", open=False):
+        ds = gr.Dataset(components=[gr.Textbox(visible=False)], samples=[[e.label] for e in examples],
+                        type="index", label="Load a finished dialogue", elem_id="gallery")
+    return ds, examples
+
+
+def _intent_panel() -> Any:
+    intent = gr.Textbox(label="Task intent", lines=3, max_length=MAX_INTENT_CHARS, elem_id="intent",
+                        placeholder="What the simulated user wants, e.g. 'You want to ...'")
+    intents = load_sample_intents()
+    with gr.Accordion("Sample intents", open=False):
+        for category in sorted({i.category for i in intents}):
+            members = [i for i in intents if i.category == category]
+            ds = gr.Dataset(components=[gr.Textbox(visible=False)], samples=[[i.title] for i in members],
+                            label=category, type="index", samples_per_page=10)
+            ds.click(lambda i, m=members: m[i].intent, [ds], [intent], api_name=False)
+    return intent
+
+
+def _guardrail_panel() -> tuple[list[Any], list[Any]]:
+    with gr.Accordion("Guardrails (apply to the next turn)", open=True):
+        with gr.Row():
+            first_token = gr.Checkbox(True, label="First-token filter", elem_id="g-first",
+                                      info="The user's turn may not open like an assistant's.")
+            banned_words = gr.Textbox("I, You, Here", label="Banned first words", elem_id="g-first-words",
+                                      max_length=2000)
+            any_case = gr.Checkbox(False, label="Any case", elem_id="g-first-case",
+                                   info="also 'i', 'YOU'...")
+        with gr.Row():
+            no_early_end = gr.Checkbox(True, label="No early ending", elem_id="g-end",
+                                       info="P(end) is still measured; the end token just cannot be drawn.")
+            min_turns_end = gr.Number(0, label="Min user turns before ending (0 = never)", precision=0, minimum=0)
+        with gr.Row():
+            length = gr.Checkbox(True, label="Length thresholds", elem_id="g-length")
+            min_words = gr.Number(3, label="Min words", precision=0, minimum=0)
+            max_words = gr.Number(25, label="Max words", precision=0, minimum=1)
+        with gr.Row():
+            repetition = gr.Checkbox(True, label="Verbatim repetition", elem_id="g-repeat")
+            retry_cap = gr.Number(5, label="Retry cap", precision=0, minimum=0, maximum=32)
+    return [first_token, no_early_end, min_turns_end, length, min_words, max_words, repetition, retry_cap], \
+        [banned_words, any_case]
+
+
+def _sampling_panel(max_new_tokens: int, max_turns: int) -> list[Any]:
+    turn_cap = gr.Slider(1, 30, max_turns, step=1, label="Max user turns (turn cap)", elem_id="turn-cap")
+    with gr.Accordion("Simulated user sampling", open=False):
+        with gr.Row():
+            temperature = gr.Slider(0, 2, 1.0, step=0.05, label="Temperature")
+            top_p = gr.Slider(0.05, 1, 0.8, step=0.05, label="Top-p")
+        with gr.Row():
+            new_tokens = gr.Slider(8, 256, max_new_tokens, step=8, label="Max new tokens")
+            seed = gr.Number(0, label="Seed", precision=0, minimum=0)
+    return [temperature, top_p, new_tokens, seed, turn_cap]
+
+
+def _assistant_panel(assistant_max_tokens: int) -> tuple[list[Any], Any]:
+    with gr.Accordion("Assistant", open=True):
+        kind = gr.Radio(BACKEND_CHOICES, value="local", label="Assistant backend", elem_id="backend")
+        system_prompt = gr.Textbox("You are a helpful assistant.", label="Assistant system prompt", lines=2,
+                                   max_length=MAX_TURN_CHARS)
+        with gr.Row():
+            temperature = gr.Slider(0, 2, 0.7, step=0.05, label="Assistant temperature")
+            max_tokens = gr.Slider(8, 1024, assistant_max_tokens, step=8, label="Assistant max tokens")
+        model_name = gr.Textbox(label="Assistant model", elem_id="assistant-model",
+                                placeholder="local: hub id or path (empty: offline SmolLM2); endpoint: served model name")
+        with gr.Group(visible=False) as openai_box:
+            base_url = gr.Textbox(label="Base URL", placeholder="http://localhost:8000/v1")
+            api_key = gr.Textbox(label="API key (kept in this browser session, never exported)", type="password")
+    return [kind, system_prompt, temperature, max_tokens, base_url, model_name, api_key], openai_box
+
+
+def _dialogue_panel() -> tuple[Any, Any, dict[str, Any], Any, Any, Any, Any]:
+    chatbot = gr.Chatbot(label="Dialogue", height=480, elem_id="dialogue", buttons=["copy"], sanitize_html=True)
+    banner = gr.Markdown("Press **Step** or **Auto-run** to start.", elem_id="banner")
+    buttons: dict[str, Any] = {}
+    with gr.Row():
+        buttons["next_user_turn"] = gr.Button("Next user turn")
+        buttons["next_assistant_turn"] = gr.Button("Next assistant turn")
+        buttons["step"] = gr.Button("Step", variant="primary")
+        buttons["auto_run"] = gr.Button("Auto-run", variant="primary")
+        buttons["stop"] = gr.Button("Stop", variant="secondary", interactive=False, elem_id="stop")
+    with gr.Row():
+        buttons["undo"] = gr.Button("Undo last turn", size="sm")
+        buttons["regenerate"] = gr.Button("Regenerate last turn", size="sm")
+        buttons["end_dialogue"] = gr.Button("End dialogue", size="sm")
+        buttons["reset"] = gr.Button("Reset", size="sm")
+    with gr.Row(visible=False) as you_box:
+        your_reply = gr.Textbox(label="Your reply as the assistant", scale=4, elem_id="your-reply",
+                                max_length=MAX_TURN_CHARS)
+        buttons["send_reply"] = gr.Button("Send", scale=1)
+    with gr.Accordion("Edit a turn", open=False):
+        with gr.Row():
+            edit_no = gr.Number(1, label="Turn #", precision=0, minimum=1, scale=1)
+            edit_text = gr.Textbox(label="New text", scale=4, max_length=MAX_TURN_CHARS)
+            buttons["edit_turn"] = gr.Button("Apply edit", scale=1)
+    return chatbot, banner, buttons, you_box, your_reply, edit_no, edit_text
+
+
+def _charts_panel(state: Any) -> tuple[Any, Any, Any]:
+    summary_md = gr.Markdown(elem_id="summary")
+    with gr.Row():
+        p_end_plot = gr.Plot(label="P(end)", show_label=False, elem_id="pend-plot", min_width=360)
+        guard_plot = gr.Plot(label="Guardrails", show_label=False, elem_id="guardrail-plot", min_width=360)
+        lengths_plot = gr.Plot(label="Turn lengths", show_label=False, elem_id="lengths-plot", min_width=360)
+    # derived from the state, so that the API's outputs stay as they were
+    state.change(lambda d: guardrail_figure(d or Dialogue(intent="")), [state], [guard_plot], api_name=False,
+                 queue=False)
+    return summary_md, lengths_plot, p_end_plot
+
+
+def _export_panel() -> tuple[Any, Any, Any, Any]:
+    with gr.Accordion("Export / import", open=False):
+        with gr.Row():
+            export_button = gr.Button("Export JSONL")
+            export_file = gr.File(label="Download", interactive=False, elem_id="export-file")
+            import_file = gr.File(label="Import JSONL", file_types=[".jsonl", ".json"], elem_id="import-file")
+    with gr.Accordion("Transcript", open=False):
+        transcript_view = gr.Markdown(elem_id="transcript-view")
+        with gr.Accordion("Raw Markdown", open=False):
+            transcript = gr.Textbox(label="Transcript (Markdown)", lines=6, buttons=["copy"], elem_id="transcript")
+    transcript.change(lambda text: text, [transcript], [transcript_view], api_name=False, queue=False)
+    return export_button, export_file, import_file, transcript
+
+
+def _layout(max_new_tokens: int, assistant_max_tokens: int, max_turns: int) -> Page:
+    state = gr.State(None)
+    gr.Markdown("# UserSim Studio\nWatch, steer and measure dialogues between a simulated user and an assistant.")
+    info = gr.Markdown(model_info(), elem_id="model-info")
+    with gr.Row():
+        with gr.Column(scale=3, min_width=380):
+            chatbot, banner, buttons, you_box, your_reply, edit_no, edit_text = _dialogue_panel()
+        with gr.Column(scale=2, min_width=320):
+            intent = _intent_panel()
+            gallery, examples = _gallery()
+            guardrails, extra = _guardrail_panel()
+            sampling = _sampling_panel(max_new_tokens, max_turns)
+            backend, openai_box = _assistant_panel(assistant_max_tokens)
+    summary_md, lengths_plot, p_end_plot = _charts_panel(state)
+    buttons["export_jsonl"], export_file, import_file, transcript = _export_panel()
+    temperature, top_p, new_tokens, seed, turn_cap = sampling
+    settings = [temperature, top_p, new_tokens, seed, turn_cap, *guardrails]
+    view = [state, chatbot, banner, lengths_plot, p_end_plot, summary_md, transcript]
+    return Page(state, intent, settings, backend, extra, view, buttons, your_reply, edit_no, edit_text, export_file,
+                import_file, openai_box, you_box, info, chatbot, gallery, examples)
+
+
+# ---- controls ------------------------------------------------------------------------------
+
+def control_states(dialogue: Dialogue | None, kind: str, max_turns: float | None, busy: bool) -> dict[str, bool]:
+    """Which buttons can act now: none but Stop, End and Reset while a run is in flight."""
+    dialogue = dialogue or Dialogue(intent="")
+    has_turns = bool(dialogue.turns)
+    try:
+        open_ = not engine.ensure_open(dialogue, engine.RunSettings(max_turns=int(max_turns or 1))).ended_by
+    except engine.DialogueOver:
+        open_ = False
+    user_next = dialogue.next_role == "user"
+    you = kind == "researcher"
+    states = {
+        "next_user_turn": open_ and user_next, "next_assistant_turn": open_ and not user_next and not you,
+        "step": open_ and (user_next or not you), "auto_run": open_ and (user_next or not you),
+        "send_reply": open_ and you, "undo": has_turns, "regenerate": has_turns, "edit_turn": has_turns,
+        "end_dialogue": has_turns and not dialogue.ended_by, "reset": True, "export_jsonl": has_turns,
+        "stop": False,
+    }
+    if busy:
+        states = {name: name in ("stop", "end_dialogue", "reset", "export_jsonl") for name in states}
+    return states
+
+
+def _controls(page: Page) -> Any:
+    names = list(page.buttons)
+
+    def updates(dialogue: Dialogue | None, kind: str, max_turns: float | None, busy: bool) -> list[Any]:
+        states = control_states(dialogue, kind, max_turns, busy)
+        return [gr.update(interactive=states[n], variant="stop" if busy else "secondary") if n == "stop"
+                else gr.update(interactive=states[n]) for n in names]
+
+    def update(dialogue: Dialogue | None, kind: str, max_turns: float | None, request: gr.Request) -> list[Any]:
+        return updates(dialogue, kind, max_turns, events.RUNS.in_flight(events.session_of(request)))
+
+    def lock() -> list[Any]:  # on click, before the run has registered: already as during a run
+        return updates(None, "local", None, busy=True)
+
+    outputs = [page.buttons[n] for n in names]
+    refresh_inputs = [page.state, page.backend[0], page.settings[4]]
+    return update, lock, outputs, refresh_inputs
+
+
+# ---- wiring --------------------------------------------------------------------------------
+
+def _wire_runs(page: Page, update: Any, lock: Any, outputs: list[Any], refresh_inputs: list[Any]) -> None:
+    n_set, n_back = len(page.settings), len(page.backend)
+    inputs = [page.state, page.intent, *page.settings, *page.backend, *page.extra]
+
+    def handler(role: str | None, max_new: int | None, regenerate: bool, event: str):
+        def run(request: gr.Request, dialogue, intent_text, *values):
+            settings = list(values[:n_set]) + list(values[n_set + n_back:])
+            yield from events.run_turns(dialogue, intent_text, settings, list(values[n_set:n_set + n_back]),
+                                        events.session_of(request), role, max_new, regenerate, event)
+        return run
+
+    runs = {"next_user_turn": ("user", 1, False), "next_assistant_turn": ("assistant", 1, False),
+            "step": (None, 2, False), "auto_run": (None, None, False), "regenerate": (None, 1, True)}
+    for name, (role, max_new, regenerate) in runs.items():
+        # Runs register with run_control the moment they start: no gradio queue in front of them
+        # (so Stop reaches a waiting run), bounded by RunControl.max_runs instead.
+        page.buttons[name].click(lock, None, outputs, queue=False, api_name=False).then(
+            handler(role, max_new, regenerate, name), inputs, page.view, api_name=name,
+            concurrency_id="runs", concurrency_limit=events.RUNS.max_runs + 4,
+        ).then(update, refresh_inputs, outputs, queue=False, api_name=False)
+
+    def stop(request: gr.Request) -> None:
+        events.RUNS.stop(events.session_of(request))
+    page.buttons["stop"].click(stop, None, None, api_name="stop", queue=False)
+
+
+def _wire_edits(page: Page) -> None:
+    def quick(event: str, while_running: str, transition: Any):
+        def handler(request: gr.Request, dialogue, *args):
+            session = events.session_of(request)
+            if dialogue is None:
+                return events.refuse("There is no dialogue yet.", event, session)
+            return events.guarded(event, session, lambda: transition(dialogue, *args), while_running)
+        return handler
+
+    page.buttons["undo"].click(quick("undo", "Undo", engine.undo), [page.state], page.view, api_name="undo")
+    page.buttons["edit_turn"].click(
+        quick("edit_turn", "Editing a turn", lambda d, n, t: engine.edit_turn(
+            d, int(events._number(n, "Turn #", 1, 10**6)) - 1, t, events.count_user_tokens)),
+        [page.state, page.edit_no, page.edit_text], page.view, api_name="edit_turn")
+
+    def end(request: gr.Request, dialogue):
+        if dialogue is None or not dialogue.turns:
+            return events.refuse("There is no dialogue to end yet.", "end_dialogue", events.session_of(request))
+        return events.cancel_then("end_dialogue", events.session_of(request), dialogue, engine.end_by_researcher)
+    page.buttons["end_dialogue"].click(end, [page.state], page.view, api_name="end_dialogue", concurrency_limit=None)
+
+    def reset(request: gr.Request, dialogue, intent_text):
+        fresh = Dialogue(intent=(intent_text or "").strip()[:MAX_INTENT_CHARS])
+        return events.cancel_then("reset", events.session_of(request), dialogue, lambda _d: fresh)
+    page.buttons["reset"].click(reset, [page.state, page.intent], page.view, api_name="reset", concurrency_limit=None)
+    page.chatbot.clear(reset, [page.state, page.intent], page.view, api_name=False, concurrency_limit=None)
+
+    def send(request: gr.Request, dialogue, intent_text, text, *values):
+        return events.send_reply(dialogue, intent_text, text, list(values), events.session_of(request))
+    send_inputs = [page.state, page.intent, page.your_reply, *page.settings, *page.extra]
+    page.buttons["send_reply"].click(send, send_inputs, page.view + [page.your_reply], api_name="send_reply")
+    page.your_reply.submit(send, send_inputs, page.view + [page.your_reply], api_name=False)
+
+
+def _wire_files(page: Page) -> None:
+    def export(request: gr.Request, dialogue):
+        return events.export_file(dialogue, events.session_of(request))
+    page.buttons["export_jsonl"].click(export, [page.state], [page.export_file], api_name="export_jsonl")
+
+    def load(request: gr.Request, file):
+        return events.import_file(file, events.session_of(request))
+    page.import_file.upload(load, [page.import_file], page.view + [page.intent], api_name="import_jsonl")
+
+    if page.gallery is not None:
+        def load_example(request: gr.Request, index: int):
+            return events.load_example(page.examples[index].path, events.session_of(request))
+        page.gallery.click(load_example, [page.gallery], page.view + [page.intent], api_name="load_example")
+
+
+def _wire_settings(page: Page) -> None:
+    def update_live(request: gr.Request, *values):
+        try:
+            events.set_live_settings(events.session_of(request), events.settings_from_inputs(*values))
+        except ValueError as exc:
+            gr.Warning(str(exc))
+    live_inputs = page.settings + page.extra
+    gr.on([c.change for c in live_inputs], update_live, live_inputs, None, api_name="update_settings",
+          concurrency_limit=None)
+
+    def show_backend(kind):
+        return gr.update(visible=kind == "openai"), gr.update(visible=kind == "researcher")
+    page.backend[0].change(show_backend, [page.backend[0]], [page.openai_box, page.you_box], api_name=False)
+
+
+def build_app(max_new_tokens: int = 64, assistant_max_tokens: int = 256, max_turns: int = 6) -> gr.Blocks:
+    """The page; the arguments set the initial slider values (short user turns keep a CPU demo brisk)."""
+    # Exported files and uploads in gradio's cache are deleted an hour after they were made.
+    with gr.Blocks(title="UserSim Studio", delete_cache=(600, 3600)) as demo:
+        with gr.Tab("Studio"):
+            page = _layout(max_new_tokens, assistant_max_tokens, max_turns)
+        with gr.Tab("Batch runs"):
+            build_batch_tab()
+        update, lock, outputs, refresh_inputs = _controls(page)
+        _wire_runs(page, update, lock, outputs, refresh_inputs)
+        _wire_edits(page)
+        _wire_files(page)
+        _wire_settings(page)
+        for trigger in (page.state.change, page.backend[0].change, page.settings[4].change):
+            trigger(update, refresh_inputs, outputs, queue=False, api_name=False)
+        demo.load(lambda: model_info(), None, [page.info], api_name=False)
+
+        def release(request: gr.Request) -> None:
+            events.RUNS.forget(events.session_of(request))
+        demo.unload(release)
+    return demo

@@ -1,0 +1,143 @@
+"""Model turns as ZeroGPU runs them, and the same code everywhere else.
+
+On a ZeroGPU Space ``@spaces.GPU`` runs :func:`model_turn_stream` in a forked, reused worker
+process: arguments and yields are pickled across; an Event made in the main process is a
+fork-time copy there. So the stop signal is made *inside* the worker, generation runs in a
+thread beside it, and the function yields a heartbeat per token (and every 20 ms between
+tokens, since the worker looks at its stop event only when the function yields). The main process
+(:func:`run_model_turn`) checks its own Stop between heartbeats and closes the stream; closing
+sets the worker's stop event, the worker closes our generator at its next yield, and its
+``finally`` stops ``generate()`` within one more token. Outside ZeroGPU the decorator is a
+no-op and the same generator runs in-process, with the same stop path.
+
+Errors cross the process boundary as ``gr.Error`` carrying their message (``spaces`` turns
+any other exception into its class name). Only turns that use the local model come here;
+an OpenAI-compatible endpoint or the researcher typing takes no GPU slice.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterator
+
+import gradio as gr
+import spaces
+
+from usersim_ui.assistants.registry import BackendSpec, make_backend
+from usersim_ui.core import transitions as engine
+from usersim_ui.core.dialogue import Dialogue
+from usersim_ui.core.errors import BackendError, ContextTooLong, GenerationCancelled
+from usersim_ui.users.local import UserSimulator
+from usersim_ui.users.registry import default_simulator
+
+# Errors a researcher can act on: shown as a message, never as a traceback.
+USER_ERRORS = (ValueError, BackendError, engine.DialogueOver, engine.NeedsResearcher, ContextTooLong)
+GPU_SECONDS_MAX = 120  # ZeroGPU refuses ("illegal duration") much more than this on a shared GPU
+HEARTBEAT_S = 0.02  # a yield at least this often, token or not: ZeroGPU's worker sees Stop only at a yield
+_DONE = object()
+
+_simulator: UserSimulator | None = None
+
+
+def simulator() -> UserSimulator:
+    """The app's simulated user, loaded once (at module level on a Space, before the first turn)."""
+    global _simulator
+    if _simulator is None:
+        _simulator = default_simulator()
+    return _simulator
+
+
+def uses_local_model(dialogue: Dialogue, spec: BackendSpec) -> bool:
+    """Whether the next turn runs a model in this process (and so needs the GPU and the model slot)."""
+    return dialogue.next_role == "user" or spec.kind == "local"
+
+
+def gpu_seconds(dialogue: Dialogue, settings: engine.RunSettings, spec: BackendSpec, seed: int | None) -> int:
+    """The GPU slice to ask ZeroGPU for: the turn's token budget at a conservative 20 tokens/s."""
+    if dialogue.next_role == "user":
+        rounds = 1 + (settings.guardrails.retry_cap if settings.guardrails.length_thresholds
+                      or settings.guardrails.verbatim_repetition else 0)
+        tokens = settings.sampling.max_new_tokens * min(rounds, 2)  # retries go as one batch
+    else:
+        tokens = spec.max_tokens
+    return int(min(GPU_SECONDS_MAX, 15 + tokens / 20))
+
+
+def as_gradio_error(exc: BaseException) -> gr.Error:
+    """What crosses the ZeroGPU boundary intact: a gr.Error with the message (not a traceback)."""
+    title = "Assistant failed" if isinstance(exc, BackendError) else "Cannot make this turn"
+    return gr.Error(str(exc), title=title, print_exception=False)
+
+
+def _make_turn(dialogue: Dialogue, settings: engine.RunSettings, spec: BackendSpec, seed: int | None,
+               stop: threading.Event, on_token: "queue.SimpleQueue[object]") -> Dialogue:
+    tick = lambda: on_token.put(1)  # noqa: E731
+    if dialogue.next_role == "user":
+        return engine.user_turn(dialogue, simulator(), settings, stop, seed, tick)
+    return engine.assistant_turn(dialogue, make_backend(spec), settings, stop, seed, tick)
+
+
+@spaces.GPU(duration=gpu_seconds)
+def model_turn_stream(dialogue: Dialogue, settings: engine.RunSettings, spec: BackendSpec,
+                      seed: int | None) -> Iterator[int | Dialogue]:
+    """One model turn: yields the number of tokens made so far after each token, then the new
+    dialogue. Plain data in and out, so that ZeroGPU can pickle it. ``seed`` None: the engine's
+    default for the turn's position."""
+    stop = threading.Event()  # made here: in a ZeroGPU worker, an Event from the main process never fires
+    ticks: queue.SimpleQueue[object] = queue.SimpleQueue()
+    outcome: dict[str, object] = {}
+
+    def work() -> None:
+        try:
+            outcome["dialogue"] = _make_turn(dialogue, settings, spec, seed, stop, ticks)
+        except BaseException as exc:  # noqa: BLE001 - handed to the generator below
+            outcome["error"] = exc
+        finally:
+            ticks.put(_DONE)
+
+    worker = threading.Thread(target=work, name="model-turn", daemon=True)
+    worker.start()
+    made = 0
+    try:
+        while True:
+            try:
+                item = ticks.get(timeout=HEARTBEAT_S)
+            except queue.Empty:
+                yield made  # no new token yet (a long prefill, a slow step): still a chance to stop
+                continue
+            while item is not _DONE:  # coalesce heartbeats that queued up
+                made += 1
+                try:
+                    item = ticks.get_nowait()
+                except queue.Empty:
+                    break
+            if item is _DONE:
+                break
+            yield made
+    finally:
+        stop.set()  # closed (Stop) or failed: generate() ends within one token
+        worker.join()
+    error = outcome.get("error")
+    if isinstance(error, USER_ERRORS):
+        raise as_gradio_error(error)
+    if error is not None:
+        raise error  # type: ignore[misc] - a bug: let it be seen with its traceback
+    yield outcome["dialogue"]  # type: ignore[misc]
+
+
+def run_model_turn(dialogue: Dialogue, settings: engine.RunSettings, spec: BackendSpec, seed: int | None,
+                   stop: threading.Event) -> Dialogue:
+    """Drive :func:`model_turn_stream` from the main process; Stop closes it between two tokens."""
+    if stop.is_set():
+        raise GenerationCancelled("stopped before the turn")
+    stream = model_turn_stream(dialogue, settings, spec, seed)
+    try:
+        for item in stream:
+            if stop.is_set():
+                raise GenerationCancelled("stopped during the turn")
+            if isinstance(item, Dialogue):
+                return item
+    finally:
+        stream.close()
+    raise GenerationCancelled("the model turn ended without a result")

@@ -1,0 +1,118 @@
+"""The assistant kinds, in one table: what the page offers, what each builds, whether it needs
+the local model (and so the GPU and the model slot), and the spec strings the CLIs take.
+
+A new kind is a row here plus its module; the Studio's radio, the batch tab, both CLIs and
+the ZeroGPU path all read this table.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from usersim_ui.assistants.local import TransformersAssistant
+from usersim_ui.assistants.openai import OpenAIAssistant
+from usersim_ui.assistants.scripted import ScriptedAssistant
+from usersim_ui.core.errors import BackendError
+from usersim_ui.core.limits import MAX_TURNS
+from usersim_ui.core.protocols import AssistantBackend
+from usersim_ui.inference.model_loading import (
+    LoadedModel,
+    load_chat_model,
+    offline_chat_model,
+)
+
+SCRIPTED_REPLIES = (
+    "Sure, I can help with that. Could you tell me a bit more about what you need?",
+    "Thanks, that helps. Here is a first suggestion; tell me what you think.",
+    "Good question. There are a few options; which matters most to you?",
+    "Understood. Let me refine that for you.",
+)
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """What the researcher chose as assistant, as plain data (picklable for ZeroGPU workers)."""
+
+    kind: str = "local"  # a key of KINDS
+    system_prompt: str = "You are a helpful assistant."
+    temperature: float = 0.7
+    max_tokens: int = 128
+    base_url: str = ""
+    model: str = ""
+    api_key: str = field(default="", repr=False)
+    seed: int = 0
+
+
+@functools.lru_cache(maxsize=2)
+def local_chat_model(model_id: str) -> LoadedModel:
+    """A transformers chat model by hub id or path, kept in memory once loaded."""
+    return load_chat_model(model_id)
+
+
+def _local(spec: BackendSpec) -> AssistantBackend:
+    model_id = spec.model.strip()
+    try:
+        loaded = local_chat_model(model_id) if model_id else offline_chat_model()
+    except OSError as exc:  # no such path, no hub access, not a model folder
+        raise BackendError(f"Could not load the local model {model_id!r} ({type(exc).__name__}).") from exc
+    return TransformersAssistant(loaded, system_prompt=spec.system_prompt, temperature=spec.temperature,
+                                 max_new_tokens=spec.max_tokens, seed=spec.seed)
+
+
+def _openai(spec: BackendSpec) -> AssistantBackend:
+    if not spec.base_url.strip() or not spec.model.strip():
+        raise ValueError("An OpenAI-compatible backend needs a base URL and a model name.")
+    return OpenAIAssistant(base_url=spec.base_url.strip(), model=spec.model.strip(), api_key=spec.api_key,
+                           system_prompt=spec.system_prompt, temperature=spec.temperature, max_tokens=spec.max_tokens)
+
+
+def _scripted(spec: BackendSpec) -> AssistantBackend:
+    return ScriptedAssistant([SCRIPTED_REPLIES[i % len(SCRIPTED_REPLIES)] for i in range(MAX_TURNS)])
+
+
+@dataclass(frozen=True)
+class AssistantKind:
+    name: str
+    label: str  # what the page's radio says
+    factory: Callable[[BackendSpec], AssistantBackend | None]
+    uses_local_model: bool  # runs in this process: needs the GPU function and the model slot
+    on_page: bool = True  # offered in the Studio
+
+
+KINDS: dict[str, AssistantKind] = {k.name: k for k in (
+    AssistantKind("local", "Local model (SmolLM2-135M-Instruct)", _local, uses_local_model=True),
+    AssistantKind("openai", "OpenAI-compatible endpoint", _openai, uses_local_model=False),
+    AssistantKind("researcher", "You are the assistant (type the replies)", lambda spec: None, uses_local_model=False),
+    AssistantKind("scripted", "Scripted replies (no model)", _scripted, uses_local_model=False, on_page=False),
+)}
+PAGE_CHOICES = [(k.label, k.name) for k in KINDS.values() if k.on_page]
+
+
+def kind_of(spec: BackendSpec) -> AssistantKind:
+    if spec.kind not in KINDS:
+        raise ValueError(f"Unknown assistant backend {spec.kind!r}; one of {', '.join(KINDS)}.")
+    return KINDS[spec.kind]
+
+
+def make_backend(spec: BackendSpec) -> AssistantBackend | None:
+    """The backend for a spec; None means the researcher types the assistant's turns."""
+    return kind_of(spec).factory(spec)
+
+
+def parse_spec(text: str, base: BackendSpec | None = None) -> BackendSpec:
+    """A CLI spec string: ``local``, ``local:MODEL``, ``openai:URL:MODEL``, ``scripted`` or
+    ``researcher``, over ``base`` (sampling, system prompt, key)."""
+    base = base or BackendSpec()
+    kind, _, rest = text.strip().partition(":")
+    if kind == "local":
+        return replace(base, kind="local", model=rest)
+    if kind == "openai":
+        url, _, model = rest.rpartition(":")
+        if not url or not model:
+            raise ValueError(f"assistant {text!r}: use openai:URL:MODEL")
+        return replace(base, kind="openai", base_url=url, model=model)
+    if kind in KINDS and not rest:
+        return replace(base, kind=kind)
+    raise ValueError(f"unknown assistant {text!r}: local, local:MODEL, openai:URL:MODEL, scripted or researcher")

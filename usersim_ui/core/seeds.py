@@ -1,0 +1,56 @@
+"""The one seed scheme: every sample the app draws has a seed derived here, and every turn
+records the seed that reproduces it.
+
+A turn's seed is derived from the researcher's base seed and the turn's position, so a rerun
+with the same settings gives the same dialogue. Regenerate derives a fresh seed from the
+turn's own, so each press gives a new sample that is itself reproducible from its record.
+Inside a guarded user turn, resampling round ``r`` is drawn with ``draw_seed(turn_seed, r)``,
+whichever engine draws it (torch in-process, or a completions server's ``seed``), so a turn's
+recorded seed reproduces every sample it drew, resamples included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+MAX_SEED = 2**53 - 1  # what a JSON number (and a browser's number box) holds exactly
+_MODULUS = 2**63  # torch.manual_seed and OpenAI's `seed` take a signed 64-bit integer
+
+
+def _derive(*parts: int | str) -> int:
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % _MODULUS
+
+
+def validate_seed(seed: float | int | None) -> int:
+    """A base seed the researcher typed: a whole number in [0, 2**53)."""
+    if seed is None:
+        raise ValueError("The seed box is empty: enter a whole number (0 is fine).")
+    if float(seed) != int(seed) or not 0 <= int(seed) <= MAX_SEED:
+        raise ValueError(f"The seed must be a whole number from 0 to {MAX_SEED}; got {seed!r}.")
+    return int(seed)
+
+
+def turn_seed(base_seed: int, turn_index: int) -> int:
+    """The first draw of the turn at ``turn_index`` (0-based) of a dialogue run with ``base_seed``."""
+    return _derive("turn", base_seed, turn_index)
+
+
+def regenerated_seed(previous_seed: int | None, base_seed: int, turn_index: int) -> int:
+    """A new draw for a turn being regenerated; different from the previous one every time."""
+    return _derive("regen", previous_seed if previous_seed is not None else turn_seed(base_seed, turn_index))
+
+
+DRAW_MODULUS = 2**31  # llama-server keeps a request's seed in uint32 and adds the choice index
+
+
+def draw_seed(seed: int, round_no: int) -> int:
+    """The seed a sampler gets for round ``round_no`` of the turn whose seed is ``seed``: torch's
+    ``manual_seed`` in-process, a request's ``seed`` on a server (choice ``i`` of ``n`` there
+    takes ``draw_seed + i``). Below 2**31 so that every server keeps it exactly."""
+    return round_seed(seed, round_no) % DRAW_MODULUS
+
+
+def round_seed(seed: int, round_no: int) -> int:
+    """The seed of resampling round ``round_no`` inside one turn (round 0: the turn seed)."""
+    return seed if round_no == 0 else _derive("round", seed, round_no)

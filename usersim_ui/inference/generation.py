@@ -1,0 +1,148 @@
+"""One call to ``generate()`` with cancellation, reproducible seeding and the raw logits of
+its first step, shared by the user simulator and the local assistant backend."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from usersim_ui.core.errors import GenerationCancelled
+
+
+class StopOnEvent(StoppingCriteria):
+    """Lets another thread stop ``generate()`` between two tokens; ``on_token`` hears each step
+    (the GPU worker turns it into a heartbeat, so that Stop is seen within one token)."""
+
+    def __init__(self, event: threading.Event, on_token: Callable[[], None] | None = None):
+        self.event, self.on_token = event, on_token
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        if self.on_token is not None:
+            self.on_token()
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class StopAfterWords(StoppingCriteria):
+    """Stops a sample as soon as it has more words than the length guardrail accepts: it is
+    rejected whatever comes next, so its remaining tokens would be wasted compute."""
+
+    def __init__(self, tokenizer: Any, prompt_length: int, max_words: int):
+        self.tokenizer, self.prompt_length, self.max_words = tokenizer, prompt_length, max_words
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        return torch.tensor([len(t.split()) > self.max_words for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
+class FirstLogits:
+    """The raw logits of a ``generate()`` call's first step (what p_end is read from), taken
+    from the model's own output by a forward hook.
+
+    ``generate(output_logits=True)`` would give them too, but keeps a float32 (rows, vocab)
+    copy of *every* step: 0.5 MB per row and token at Llama-3's 128k vocabulary, 250 MB for a
+    5-row retry round of 96 tokens, gigabytes for a batch of dialogues. The hook keeps one.
+    Only calls from the thread that entered are seen, in case another thread uses the model.
+    """
+
+    def __init__(self, model: Any):
+        self.model, self.value, self._thread = model, None, threading.get_ident()
+
+    def _hook(self, _module: Any, _args: Any, output: Any) -> None:
+        if self.value is None and threading.get_ident() == self._thread:
+            self.value = output.logits[:, -1, :].float().cpu()
+
+    def __enter__(self) -> "FirstLogits":
+        self._handle = self.model.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
+        if exc[0] is None and self.value is None:
+            raise RuntimeError("the model's forward never ran in this thread: p_end has no logits to read")
+
+
+@dataclass(frozen=True)
+class Sample:
+    new_ids: list[list[int]]  # one list per sample drawn, cut before its stop token (a kept id stays)
+    first_logits: torch.Tensor  # raw, before any processor or temperature: shape (vocab,)
+    latency_s: float
+    truncated: list[bool]  # per sample: no stop token came (max_new_tokens or a stopping criterion cut it)
+    cache: Any = None  # with ``return_cache``: generate's KV cache (prompt + generated tokens, one row)
+    prefilled_tokens: int = 0  # prompt tokens this call had to prefill (the rest came from ``past_key_values``)
+
+
+def sample(model: Any, prompt_ids: Sequence[int], *, stop_ids: Sequence[int], temperature: float, top_p: float,
+           max_new_tokens: int, seed: int, processors: Sequence[LogitsProcessor] = (),
+           stop_event: threading.Event | None = None, pad_id: int | None = None, num_samples: int = 1,
+           stopping: Sequence[StoppingCriteria] = (), keep_ids: Sequence[int] = (),
+           on_token: Callable[[], None] | None = None, past_key_values: Any = None,
+           return_cache: bool = False) -> Sample:
+    """Sample ``num_samples`` continuations of one prompt in one batch (greedy at temperature 0,
+    where one sample is all there is).
+
+    ``keep_ids`` also end a sample but stay in it (UserLM's ``<|endconversation|>``: the turn
+    ends there and what would follow is junk). Raises :class:`GenerationCancelled` if
+    ``stop_event`` fires.
+
+    ``past_key_values``: a one-row KV cache over a strict prefix of ``prompt_ids`` (see
+    ``prefix_cache``); only the rest is prefilled. It is used up (generate grows it); for
+    ``num_samples > 1`` a per-row copy is made and the original is left as it was.
+    ``return_cache``: hand back generate's cache (one sample only) so that it can be kept.
+    """
+    stop_event = stop_event or threading.Event()
+    if stop_event.is_set():
+        raise GenerationCancelled("stopped before generating")
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    do_sample = temperature > 0
+    if not do_sample and num_samples > 1:
+        raise ValueError("greedy decoding gives one sample; ask for num_samples=1 at temperature 0")
+    ends = list(stop_ids) + [k for k in keep_ids if k not in stop_ids]
+    cached = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
+    if cached >= len(prompt_ids):
+        raise ValueError(f"the cache covers {cached} tokens of a {len(prompt_ids)}-token prompt; at least one must be new")
+    batch_ids, repeat = input_ids, num_samples
+    extra: dict[str, Any] = {}
+    if past_key_values is not None:
+        if num_samples > 1:  # generate expands input tensors, not a cache: expand both here
+            past_key_values = copy.deepcopy(past_key_values)
+            past_key_values.batch_repeat_interleave(num_samples)
+            batch_ids, repeat = input_ids.repeat_interleave(num_samples, dim=0), 1
+        extra["past_key_values"] = past_key_values
+    torch.manual_seed(seed)
+    started = time.perf_counter()
+    with torch.inference_mode(), FirstLogits(model) as first:
+        out = model.generate(
+            input_ids=batch_ids, attention_mask=torch.ones_like(batch_ids), **extra,
+            do_sample=do_sample, temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
+            top_k=None, max_new_tokens=max_new_tokens, eos_token_id=ends,
+            pad_token_id=pad_id if pad_id is not None else stop_ids[0],
+            logits_processor=LogitsProcessorList(processors),
+            stopping_criteria=StoppingCriteriaList([StopOnEvent(stop_event, on_token), *stopping]),
+            num_return_sequences=repeat, return_dict_in_generate=True,
+        )
+    latency = time.perf_counter() - started
+    if stop_event.is_set():
+        raise GenerationCancelled("stopped during generation")
+    rows, truncated = [], []
+    for row in out.sequences[:, input_ids.shape[1]:].tolist():
+        end = next((i for i, t in enumerate(row) if t in ends), None)
+        truncated.append(end is None)
+        if end is None:
+            rows.append(row)
+        else:
+            rows.append(row[:end + 1] if row[end] in keep_ids else row[:end])
+    cache = getattr(out, "past_key_values", None) if return_cache and num_samples == 1 else None
+    return Sample(rows, first.value[0], latency, truncated, cache=cache,
+                  prefilled_tokens=len(prompt_ids) - cached)

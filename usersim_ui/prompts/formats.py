@@ -1,0 +1,82 @@
+"""How a user simulator sees the dialogue: UserLM's own format, or a chat model prompted to
+play the user (the offline baseline).
+
+Both give prompt ids that end exactly where the first real token of the user turn comes, so
+the first forward pass of ``generate()`` yields the logits for the first-token filter and for
+``p_end`` at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+from usersim_ui.prompts.chat_ids import chat_stop_ids, chat_template_ids
+from usersim_ui.prompts.userlm import (
+    END_CONVERSATION,
+    END_OF_TEXT,
+    EOT,
+    encode_plain,
+    token_id,
+    userlm_prompt_ids,
+)
+
+
+class PromptFormat(Protocol):
+    name: str
+    end_marker: str
+
+    def prompt_ids(self, intent: str, messages: Sequence[dict[str, str]]) -> list[int]: ...
+    def end_marker_ids(self) -> list[int]: ...
+    def stop_ids(self) -> list[int]: ...
+
+
+@dataclass
+class UserLMFormat:
+    """UserLM-8b: intent as system, roles unflipped, open user header, then the ``\\n`` the
+    model always writes first (forced here so that step 0 is the first real token)."""
+
+    tokenizer: Any
+    name: str = "UserLM"
+    end_marker: str = END_CONVERSATION
+
+    def prompt_ids(self, intent: str, messages: Sequence[dict[str, str]]) -> list[int]:
+        return userlm_prompt_ids(self.tokenizer, intent, messages) + encode_plain(self.tokenizer, "\n")
+
+    def end_marker_ids(self) -> list[int]:
+        return [token_id(self.tokenizer, END_CONVERSATION)]
+
+    def stop_ids(self) -> list[int]:
+        return [token_id(self.tokenizer, EOT), token_id(self.tokenizer, END_OF_TEXT)]
+
+
+PROMPTED_USER_SYSTEM = (
+    "You are role-playing a human user who is chatting with an AI assistant. You are NOT the "
+    "assistant. Your goal in this conversation: {intent}\n"
+    "Write only the user's next message: short, casual, one step at a time; do not reveal "
+    "the whole goal at once. When your goal is met or you want to leave, reply with exactly "
+    "{marker} and nothing else."
+)
+
+
+@dataclass
+class PromptedUserFormat:
+    """A general chat model told to play the user: roles flipped (its own past turns are
+    ``assistant``), the intent in a system prompt, a plain-text end marker of several tokens.
+    This is the prompted baseline the UserLM paper compares against, not UserLM."""
+
+    tokenizer: Any
+    name: str = "prompted baseline"
+    end_marker: str = "[END]"
+    system_template: str = field(default=PROMPTED_USER_SYSTEM)
+
+    def prompt_ids(self, intent: str, messages: Sequence[dict[str, str]]) -> list[int]:
+        flipped = [{"role": "assistant" if m["role"] == "user" else "user", "content": m["content"]} for m in messages]
+        system = {"role": "system", "content": self.system_template.format(intent=intent, marker=self.end_marker)}
+        return chat_template_ids(self.tokenizer, [system] + flipped, add_generation_prompt=True)
+
+    def end_marker_ids(self) -> list[int]:
+        return encode_plain(self.tokenizer, self.end_marker)
+
+    def stop_ids(self) -> list[int]:
+        return chat_stop_ids(self.tokenizer)
