@@ -11,7 +11,7 @@ from pathlib import Path
 
 from usersim_ui.core.dialogue import Dialogue, dialogues_from_jsonl
 
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "docs" / "examples"
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "docs" / "examples"
 
 
 @dataclass(frozen=True)
