@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from usersim_ui.app import handlers as events
+from usersim_ui.app.form import Form, settings_from_inputs
 from usersim_ui.app import zerogpu as gpu
 from usersim_ui.app.studio import control_states
 from usersim_ui.core.dialogue import Dialogue, GuardrailEvent, RejectedSample, Turn
@@ -29,21 +30,21 @@ def dialogues(gen) -> list[Dialogue]:
 
 
 def test_settings_from_inputs_reads_every_box_and_names_the_bad_one():
-    settings = events.settings_from_inputs(*SETTINGS)
+    settings = settings_from_inputs(*SETTINGS)
     assert settings.guardrails.min_user_turns_before_end is None and settings.max_turns == 3
-    assert events.settings_from_inputs(*SETTINGS[:7], 2, *SETTINGS[8:]).guardrails.min_user_turns_before_end == 2
+    assert settings_from_inputs(*SETTINGS[:7], 2, *SETTINGS[8:]).guardrails.min_user_turns_before_end == 2
     with pytest.raises(ValueError, match="Minimum words"):
-        events.settings_from_inputs(*SETTINGS[:9], 30, 20, *SETTINGS[11:])
+        settings_from_inputs(*SETTINGS[:9], 30, 20, *SETTINGS[11:])
     with pytest.raises(ValueError, match="'Seed' is empty|seed box is empty"):
-        events.settings_from_inputs(*SETTINGS[:3], None, *SETTINGS[4:])
+        settings_from_inputs(*SETTINGS[:3], None, *SETTINGS[4:])
     with pytest.raises(ValueError, match="'Retry cap' is empty"):
-        events.settings_from_inputs(*SETTINGS[:12], None)
+        settings_from_inputs(*SETTINGS[:12], None)
     with pytest.raises(ValueError, match="seed must be a whole number from 0 to"):
-        events.settings_from_inputs(*SETTINGS[:3], 2**60, *SETTINGS[4:])
+        settings_from_inputs(*SETTINGS[:3], 2**60, *SETTINGS[4:])
 
 
 def test_auto_run_with_the_researcher_as_assistant_stops_for_their_reply(tiny):
-    outs = list(events.run_turns(None, INTENT, SETTINGS, RESEARCHER, tiny, None, None))
+    outs = list(events.run_turns(None, INTENT, Form.parse(SETTINGS, RESEARCHER), tiny, None, None))
     final = outs[-1]
     assert [t.role for t in final[0].turns] == ["user"]
     assert "You are the assistant" in final[2]  # the banner says why it stopped
@@ -51,9 +52,9 @@ def test_auto_run_with_the_researcher_as_assistant_stops_for_their_reply(tiny):
 
 def test_refusals_change_no_output_and_log_one_line(tiny, caplog):
     with caplog.at_level(logging.INFO, logger="usersim_ui"):
-        outs = list(events.run_turns(None, "  ", SETTINGS, RESEARCHER, tiny, None, 1))
+        outs = list(events.run_turns(None, "  ", Form.parse(SETTINGS, RESEARCHER), tiny, None, 1))
         assert outs == [(SKIP,) * events.N_VIEW]
-        outs = list(events.run_turns(None, INTENT, SETTINGS, RESEARCHER, tiny, "assistant", 1))
+        outs = list(events.run_turns(None, INTENT, Form.parse(SETTINGS, RESEARCHER), tiny, "assistant", 1))
         assert outs == [(SKIP,) * events.N_VIEW]
     lines = [r for r in caplog.records if r.getMessage().startswith("refused")]
     assert len(lines) == 2 and all(r.exc_info is None for r in lines)
@@ -61,7 +62,7 @@ def test_refusals_change_no_output_and_log_one_line(tiny, caplog):
 
 
 def test_stop_between_turns_keeps_what_was_made(tiny):
-    gen = events.run_turns(None, INTENT, SETTINGS, RESEARCHER[:1] + LOCAL[1:], tiny, None, None)
+    gen = events.run_turns(None, INTENT, Form.parse(SETTINGS, RESEARCHER[:1] + LOCAL[1:]), tiny, None, None)
     next(gen)  # the run has started (status shown)
     first = next(gen)[0]
     events.RUNS.stop(tiny)
@@ -70,19 +71,19 @@ def test_stop_between_turns_keeps_what_was_made(tiny):
 
 
 def test_a_guardrail_toggled_mid_run_applies_to_the_next_turn(tiny, smollm2):
-    gen = events.run_turns(None, INTENT, SETTINGS, LOCAL, tiny, None, 3)
+    gen = events.run_turns(None, INTENT, Form.parse(SETTINGS, LOCAL), tiny, None, 3)
     next(gen)
     first = next(gen)[0]
-    events.set_live_settings(tiny, events.settings_from_inputs(*SETTINGS[:5], False, *SETTINGS[6:]))
+    events.set_live_settings(tiny, settings_from_inputs(*SETTINGS[:5], False, *SETTINGS[6:]))
     last = dialogues(gen)[-1]
     assert first.turns[0].guardrail_settings.first_token_filter is True
     assert last.turns[2].guardrail_settings.first_token_filter is False
 
 
 def test_regenerate_draws_a_new_seed_each_time(tiny):
-    made = dialogues(events.run_turns(None, INTENT, SETTINGS, RESEARCHER, tiny, "user", 1))[-1]
-    again = dialogues(events.run_turns(made, INTENT, SETTINGS, RESEARCHER, tiny, None, 1, regenerate=True))[-1]
-    third = dialogues(events.run_turns(again, INTENT, SETTINGS, RESEARCHER, tiny, None, 1, regenerate=True))[-1]
+    made = dialogues(events.run_turns(None, INTENT, Form.parse(SETTINGS, RESEARCHER), tiny, "user", 1))[-1]
+    again = dialogues(events.run_turns(made, INTENT, Form.parse(SETTINGS, RESEARCHER), tiny, None, 1, regenerate=True))[-1]
+    third = dialogues(events.run_turns(again, INTENT, Form.parse(SETTINGS, RESEARCHER), tiny, None, 1, regenerate=True))[-1]
     assert len(third.turns) == 1 and len({made.turns[0].seed, again.turns[0].seed, third.turns[0].seed}) == 3
 
 
@@ -133,9 +134,9 @@ def test_only_local_model_turns_take_a_gpu_slice(tiny, monkeypatch):
     server = LoopbackOpenAI("trickle", delay_s=0.0, words=4)
     try:
         endpoint = ["openai", "", 0.7, 16, server.url, "loopback", ""]
-        made = dialogues(events.run_turns(None, INTENT, SETTINGS, endpoint, tiny, None, 2))[-1]
+        made = dialogues(events.run_turns(None, INTENT, Form.parse(SETTINGS, endpoint), tiny, None, 2))[-1]
         assert [t.role for t in made.turns] == ["user", "assistant"] and calls == ["user"]
-        typed = events.send_reply(made, INTENT, "I typed this user turn myself", SETTINGS, tiny)[0]
+        typed = events.send_reply(made, INTENT, "I typed this user turn myself", settings_from_inputs(*SETTINGS), tiny)[0]
         assert typed.turns[-1].author == "researcher" and calls == ["user"]
         assert typed.turns[-1].tokens == len(gpu.simulator().tokenizer.encode("I typed this user turn myself",
                                                                              add_special_tokens=False))

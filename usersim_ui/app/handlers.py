@@ -20,6 +20,7 @@ from usersim_ui.analysis.charts import lengths_figure, p_end_figure
 from usersim_ui.analysis.metrics import turn_table
 from usersim_ui.analysis.safe_text import literal_markdown
 from usersim_ui.analysis.transcript import badge_line, summary_text, to_markdown
+from usersim_ui.app.form import Form
 from usersim_ui.app.run_control import Run, RunControl, RunRefused
 from usersim_ui.app.zerogpu import (
     USER_ERRORS,
@@ -31,8 +32,6 @@ from usersim_ui.assistants.registry import BackendSpec, make_backend
 from usersim_ui.core import transitions as engine
 from usersim_ui.core.dialogue import (
     Dialogue,
-    GuardrailSettings,
-    SamplingSettings,
     dialogues_from_jsonl,
     dialogues_to_jsonl,
 )
@@ -43,7 +42,6 @@ from usersim_ui.core.limits import (
     MAX_TURN_CHARS,
     MAX_TURNS,
 )
-from usersim_ui.core.seeds import validate_seed
 
 log = logging.getLogger("usersim_ui")
 EXPORT_ROOT = Path(tempfile.gettempdir()) / "usersim_exports"
@@ -70,61 +68,6 @@ def refuse(message: str, event: str, session: str) -> tuple[Any, ...]:
     log.info("refused %s (session %s): %s", event, session[:8], message)
     gr.Warning(message)
     return tuple(gr.skip() for _ in range(N_VIEW))
-
-
-# ---- inputs --------------------------------------------------------------------------------
-
-def _number(value: Any, label: str, low: float, high: float, whole: bool = True) -> float:
-    if value is None or value == "":
-        raise ValueError(f"'{label}' is empty: enter a number.")
-    number = float(value)
-    if whole and not number.is_integer():
-        raise ValueError(f"'{label}' must be a whole number; got {value!r}.")
-    if not low <= number <= high:
-        raise ValueError(f"'{label}' must be between {low:g} and {high:g}; got {value!r}.")
-    return number
-
-
-def banned_words_from_text(text: str | None) -> tuple[str, ...]:
-    """The first-token filter's word list from its comma-separated box."""
-    words = tuple(w.strip() for w in (text or "").split(",") if w.strip())
-    if len(words) > 50 or any(len(w) > 40 for w in words):
-        raise ValueError("The first-token word list takes at most 50 words of at most 40 characters.")
-    return words
-
-
-def settings_from_inputs(temperature: float, top_p: float, max_new_tokens: float, seed: float, max_turns: float,
-                         first_token: bool, no_early_end: bool, min_turns_before_end: float, length: bool,
-                         min_words: float, max_words: float, repetition: bool, retry_cap: float,
-                         banned_words: str = "I, You, Here", any_case: bool = False) -> engine.RunSettings:
-    """The run settings as the panel shows them; 0 minimum turns before ending means 'never end'."""
-    min_w = int(_number(min_words, "Min words", 0, 1000))
-    max_w = int(_number(max_words, "Max words", 1, 1000))
-    if min_w > max_w:
-        raise ValueError(f"Minimum words ({min_w}) is above maximum words ({max_w}).")
-    guardrails = GuardrailSettings(
-        first_token_filter=bool(first_token), banned_first_words=banned_words_from_text(banned_words),
-        first_token_any_case=bool(any_case), no_early_ending=bool(no_early_end),
-        min_user_turns_before_end=int(_number(min_turns_before_end, "Min user turns before ending", 0, 100)) or None,
-        length_thresholds=bool(length), min_words=min_w, max_words=max_w, verbatim_repetition=bool(repetition),
-        retry_cap=int(_number(retry_cap, "Retry cap", 0, 32)),
-    )
-    sampling = SamplingSettings(temperature=_number(temperature, "Temperature", 0, 2, whole=False),
-                                top_p=_number(top_p, "Top-p", 0.01, 1, whole=False),
-                                max_new_tokens=int(_number(max_new_tokens, "Max new tokens", 1, 1024)),
-                                seed=validate_seed(seed))
-    return engine.RunSettings(guardrails=guardrails, sampling=sampling,
-                              max_turns=int(_number(max_turns, "Max user turns", 1, MAX_TURNS // 2)))
-
-
-def backend_from_inputs(kind: str, system_prompt: str, temperature: float, max_tokens: float, base_url: str,
-                        model: str, api_key: str) -> BackendSpec:
-    if kind not in ("local", "openai", "researcher"):
-        raise ValueError(f"Unknown assistant backend {kind!r}.")
-    return BackendSpec(kind=kind, system_prompt=(system_prompt or "")[:MAX_TURN_CHARS],
-                       temperature=_number(temperature, "Assistant temperature", 0, 2, whole=False),
-                       max_tokens=int(_number(max_tokens, "Assistant max tokens", 1, 4096)),
-                       base_url=(base_url or "").strip(), model=(model or "").strip(), api_key=api_key or "")
 
 
 def count_user_tokens(text: str) -> int:
@@ -224,14 +167,12 @@ def turn_maker(spec: BackendSpec, run: Run, regenerate_from: Dialogue | None
     return make
 
 
-def run_turns(dialogue: Dialogue | None, intent: str, settings_values: list[Any], backend_values: list[Any],
-              session: str, role: str | None, max_new_turns: int | None, regenerate: bool = False,
-              event: str = "run") -> Iterator[tuple[Any, ...]]:
+def run_turns(dialogue: Dialogue | None, intent: str, form: Form, session: str, role: str | None,
+              max_new_turns: int | None, regenerate: bool = False, event: str = "run") -> Iterator[tuple[Any, ...]]:
     """Make turns and stream each into the view. Stop, End, Reset or an error keep every turn
     made so far (Regenerate keeps the original turn unless a new one was made)."""
     try:
-        settings = settings_from_inputs(*settings_values)
-        spec = backend_from_inputs(*backend_values)
+        settings, spec = form.settings, form.backend
         if regenerate:
             if dialogue is None or not dialogue.turns:
                 raise ValueError("Nothing to regenerate yet.")
@@ -294,12 +235,11 @@ def cancel_then(event: str, session: str, dialogue: Dialogue | None,
         return refuse(str(exc), event, session)
 
 
-def send_reply(dialogue: Dialogue | None, intent: str, text: str, settings_values: list[Any],
+def send_reply(dialogue: Dialogue | None, intent: str, text: str, settings: engine.RunSettings,
                session: str) -> tuple[Any, ...]:
     """The researcher's typed turn; the reply box empties only when the turn was taken."""
     try:
         RUNS.refuse_if_running(session, "Sending a reply")
-        settings = settings_from_inputs(*settings_values)
         return render(engine.researcher_turn(begin(dialogue, intent), text, settings, count_user_tokens)) + ("",)
     except (RunRefused, *USER_ERRORS) as exc:
         return refuse(str(exc), "send_reply", session) + (gr.skip(),)

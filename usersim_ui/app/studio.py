@@ -16,14 +16,14 @@ from usersim_ui.analysis.charts import guardrail_figure
 from usersim_ui.app import handlers as events
 from usersim_ui.app.batch_tab import build_batch_tab
 from usersim_ui.app.examples import load_examples
+from usersim_ui.app.form import Form, number_input, settings_from_inputs
 from usersim_ui.app.zerogpu import simulator
+from usersim_ui.assistants.registry import PAGE_CHOICES
 from usersim_ui.core import transitions as engine
 from usersim_ui.core.dialogue import Dialogue
 from usersim_ui.core.intents import load_sample_intents
 from usersim_ui.core.limits import MAX_INTENT_CHARS, MAX_TURN_CHARS
 
-BACKEND_CHOICES = [("Local model (SmolLM2-135M-Instruct)", "local"), ("OpenAI-compatible endpoint", "openai"),
-                   ("You are the assistant (type the replies)", "researcher")]
 __all__ = ["build_app", "simulator"]
 
 
@@ -121,7 +121,7 @@ def _sampling_panel(max_new_tokens: int, max_turns: int) -> list[Any]:
 
 def _assistant_panel(assistant_max_tokens: int) -> tuple[list[Any], Any]:
     with gr.Accordion("Assistant", open=True):
-        kind = gr.Radio(BACKEND_CHOICES, value="local", label="Assistant backend", elem_id="backend")
+        kind = gr.Radio(PAGE_CHOICES, value="local", label="Assistant backend", elem_id="backend")
         system_prompt = gr.Textbox("You are a helpful assistant.", label="Assistant system prompt", lines=2,
                                    max_length=MAX_TURN_CHARS)
         with gr.Row():
@@ -261,9 +261,13 @@ def _wire_runs(page: Page, update: Any, lock: Any, outputs: list[Any], refresh_i
 
     def handler(role: str | None, max_new: int | None, regenerate: bool, event: str):
         def run(request: gr.Request, dialogue, intent_text, *values):
-            settings = list(values[:n_set]) + list(values[n_set + n_back:])
-            yield from events.run_turns(dialogue, intent_text, settings, list(values[n_set:n_set + n_back]),
-                                        events.session_of(request), role, max_new, regenerate, event)
+            session = events.session_of(request)
+            try:
+                form = Form.parse(values[:n_set], values[n_set:n_set + n_back], values[n_set + n_back:])
+            except ValueError as exc:
+                yield events.refuse(str(exc), event, session)
+                return
+            yield from events.run_turns(dialogue, intent_text, form, session, role, max_new, regenerate, event)
         return run
 
     runs = {"next_user_turn": ("user", 1, False), "next_assistant_turn": ("assistant", 1, False),
@@ -293,7 +297,7 @@ def _wire_edits(page: Page) -> None:
     page.buttons["undo"].click(quick("undo", "Undo", engine.undo), [page.state], page.view, api_name="undo")
     page.buttons["edit_turn"].click(
         quick("edit_turn", "Editing a turn", lambda d, n, t: engine.edit_turn(
-            d, int(events._number(n, "Turn #", 1, 10**6)) - 1, t, events.count_user_tokens)),
+            d, int(number_input(n, "Turn #", 1, 10**6)) - 1, t, events.count_user_tokens)),
         [page.state, page.edit_no, page.edit_text], page.view, api_name="edit_turn")
 
     def end(request: gr.Request, dialogue):
@@ -309,7 +313,12 @@ def _wire_edits(page: Page) -> None:
     page.chatbot.clear(reset, [page.state, page.intent], page.view, api_name=False, concurrency_limit=None)
 
     def send(request: gr.Request, dialogue, intent_text, text, *values):
-        return events.send_reply(dialogue, intent_text, text, list(values), events.session_of(request))
+        session = events.session_of(request)
+        try:
+            settings = settings_from_inputs(*values)
+        except ValueError as exc:
+            return events.refuse(str(exc), "send_reply", session) + (gr.skip(),)
+        return events.send_reply(dialogue, intent_text, text, settings, session)
     send_inputs = [page.state, page.intent, page.your_reply, *page.settings, *page.extra]
     page.buttons["send_reply"].click(send, send_inputs, page.view + [page.your_reply], api_name="send_reply")
     page.your_reply.submit(send, send_inputs, page.view + [page.your_reply], api_name=False)
@@ -333,7 +342,7 @@ def _wire_files(page: Page) -> None:
 def _wire_settings(page: Page) -> None:
     def update_live(request: gr.Request, *values):
         try:
-            events.set_live_settings(events.session_of(request), events.settings_from_inputs(*values))
+            events.set_live_settings(events.session_of(request), settings_from_inputs(*values))
         except ValueError as exc:
             gr.Warning(str(exc))
     live_inputs = page.settings + page.extra

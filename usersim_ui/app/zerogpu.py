@@ -24,7 +24,7 @@ from typing import Iterator
 import gradio as gr
 import spaces
 
-from usersim_ui.assistants.registry import BackendSpec, make_backend
+from usersim_ui.assistants.registry import BackendSpec, kind_of, make_backend
 from usersim_ui.core import transitions as engine
 from usersim_ui.core.dialogue import Dialogue
 from usersim_ui.core.errors import BackendError, ContextTooLong, GenerationCancelled
@@ -50,7 +50,7 @@ def simulator() -> UserSimulator:
 
 def uses_local_model(dialogue: Dialogue, spec: BackendSpec) -> bool:
     """Whether the next turn runs a model in this process (and so needs the GPU and the model slot)."""
-    return dialogue.next_role == "user" or spec.kind == "local"
+    return dialogue.next_role == "user" or kind_of(spec).uses_local_model
 
 
 def gpu_seconds(dialogue: Dialogue, settings: engine.RunSettings, spec: BackendSpec, seed: int | None) -> int:
