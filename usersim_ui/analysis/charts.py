@@ -13,13 +13,13 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from usersim_ui.analysis.metrics import (
-    ACTION_LABELS,
     GUARDRAIL_LABELS,
     format_probability,
     guardrail_table,
     turn_table,
 )
 from usersim_ui.core.dialogue import Dialogue
+from usersim_ui.core.guardrails import ACTION_LABELS
 
 ROLE_COLOURS = {"user": "#2563eb", "assistant": "#f97316"}
 MASK_FILL = "rgba(220, 38, 38, 0.13)"

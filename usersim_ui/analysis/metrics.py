@@ -8,22 +8,15 @@ from typing import Any
 
 import pandas as pd
 
+from usersim_ui.core.guardrails import REPORTED
 from usersim_ui.core.dialogue import Dialogue, GuardrailSettings, Turn, count_words
 
 TURN_COLUMNS = ["turn", "role", "author", "words", "tokens", "p_end", "ends", "end_masked", "would_have_ended",
                 "resamples", "rejected_words", "truncated", "guardrails", "latency_s"]
 GUARDRAIL_COLUMNS = ["turn", "guardrail", "action", "count", "detail", "probability_removed"]
 
-# Readable names, in the order the guardrails act on a user turn.
-GUARDRAIL_LABELS = {
-    "first_token": "first-token filter",
-    "no_early_ending": "no early ending",
-    "length": "length",
-    "repetition": "repetition",
-    "retry_cap": "retry cap",
-    "context": "context trim",
-}
-ACTION_LABELS = {"masked": "masked", "resampled": "resampled", "gave_up": "gave up", "trimmed": "trimmed"}
+# Readable names, in the order the guardrails act on a user turn (the core's table).
+GUARDRAIL_LABELS = {g.name: g.label for g in REPORTED}
 
 
 def format_probability(p: float | None) -> str:

@@ -31,9 +31,9 @@ from usersim_ui.batch.runner import (
     write_reports,
 )
 from usersim_ui.core.dialogue import SamplingSettings
-from usersim_ui.core.guardrails import parse_guardrails
+from usersim_ui.core.guardrails import GUARDRAILS, parse_guardrails
 
-GUARDRAIL_CHOICES = ["first_token", "no_early_ending", "length", "repetition"]
+GUARDRAIL_CHOICES = [g.name for g in GUARDRAILS]
 ASSISTANT_MAX_TOKENS = 128
 MAX_DIALOGUES = 400  # a page is not the place for more: use python -m usersim_ui.batch
 

@@ -19,6 +19,7 @@ from usersim_ui.app.examples import load_examples
 from usersim_ui.app.form import Form, number_input, settings_from_inputs
 from usersim_ui.app.zerogpu import simulator
 from usersim_ui.assistants.registry import PAGE_CHOICES
+from usersim_ui.core.guardrails import GUARDRAILS
 from usersim_ui.core import transitions as engine
 from usersim_ui.core.dialogue import Dialogue
 from usersim_ui.core.intents import load_sample_intents
@@ -83,28 +84,36 @@ def _intent_panel() -> Any:
     return intent
 
 
+ELEM_IDS = {"first_token": "g-first", "no_early_ending": "g-end", "length": "g-length", "repetition": "g-repeat"}
+
+
+def _guardrail_settings(name: str) -> tuple[list[Any], list[Any]]:
+    """The boxes beside a guardrail's switch: (settings in the API order, extras sent last)."""
+    if name == "first_token":
+        return [], [gr.Textbox("I, You, Here", label="Banned first words", elem_id="g-first-words", max_length=2000),
+                    gr.Checkbox(False, label="Any case", elem_id="g-first-case", info="also 'i', 'YOU'...")]
+    if name == "no_early_ending":
+        return [gr.Number(0, label="Min user turns before ending (0 = never)", precision=0, minimum=0)], []
+    if name == "length":
+        return [gr.Number(3, label="Min words", precision=0, minimum=0),
+                gr.Number(25, label="Max words", precision=0, minimum=1)], []
+    if name == "repetition":
+        return [gr.Number(5, label="Retry cap", precision=0, minimum=0, maximum=32)], []
+    return [], []
+
+
 def _guardrail_panel() -> tuple[list[Any], list[Any]]:
+    """One row per guardrail of the core's table: its switch, then its settings."""
+    settings: list[Any] = []
+    extras: list[Any] = []
     with gr.Accordion("Guardrails (apply to the next turn)", open=True):
-        with gr.Row():
-            first_token = gr.Checkbox(True, label="First-token filter", elem_id="g-first",
-                                      info="The user's turn may not open like an assistant's.")
-            banned_words = gr.Textbox("I, You, Here", label="Banned first words", elem_id="g-first-words",
-                                      max_length=2000)
-            any_case = gr.Checkbox(False, label="Any case", elem_id="g-first-case",
-                                   info="also 'i', 'YOU'...")
-        with gr.Row():
-            no_early_end = gr.Checkbox(True, label="No early ending", elem_id="g-end",
-                                       info="P(end) is still measured; the end token just cannot be drawn.")
-            min_turns_end = gr.Number(0, label="Min user turns before ending (0 = never)", precision=0, minimum=0)
-        with gr.Row():
-            length = gr.Checkbox(True, label="Length thresholds", elem_id="g-length")
-            min_words = gr.Number(3, label="Min words", precision=0, minimum=0)
-            max_words = gr.Number(25, label="Max words", precision=0, minimum=1)
-        with gr.Row():
-            repetition = gr.Checkbox(True, label="Verbatim repetition", elem_id="g-repeat")
-            retry_cap = gr.Number(5, label="Retry cap", precision=0, minimum=0, maximum=32)
-    return [first_token, no_early_end, min_turns_end, length, min_words, max_words, repetition, retry_cap], \
-        [banned_words, any_case]
+        for g in GUARDRAILS:
+            with gr.Row():
+                switch = gr.Checkbox(g.default, label=g.toggle, elem_id=ELEM_IDS.get(g.name, f"g-{g.name}"), info=g.help)
+                boxes, extra = _guardrail_settings(g.name)
+            settings += [switch, *boxes]
+            extras += extra
+    return settings, extras
 
 
 def _sampling_panel(max_new_tokens: int, max_turns: int) -> list[Any]:

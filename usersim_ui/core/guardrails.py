@@ -22,21 +22,22 @@ class Guardrail:
     """One row of the table: its id in records and spec strings, what people read, its switch."""
 
     name: str  # id in GuardrailEvent.guardrail, CLI specs and reports
-    label: str  # what a person reads
+    label: str  # what a person reads in charts, badges and reports
     field: str | None  # its on/off switch in GuardrailSettings (None: always on, reported only)
     default: bool  # the paper's setting
     help: str  # one line on what it does
+    toggle: str = ""  # the switch's label on the page
 
 
 GUARDRAILS: tuple[Guardrail, ...] = (
     Guardrail("first_token", "first-token filter", "first_token_filter", True,
-              "The user's turn may not open like an assistant's ('I', 'You', 'Here')."),
+              "The user's turn may not open like an assistant's.", "First-token filter"),
     Guardrail("no_early_ending", "no early ending", "no_early_ending", True,
-              "P(end) is still measured; the end token just cannot be drawn."),
+              "P(end) is still measured; the end token just cannot be drawn.", "No early ending"),
     Guardrail("length", "length", "length_thresholds", True,
-              "Resample a turn shorter than min words or longer than max words."),
+              "Resample a turn shorter than min words or longer than max words.", "Length thresholds"),
     Guardrail("repetition", "repetition", "verbatim_repetition", True,
-              "Resample a turn that repeats an earlier user turn or copies the intent."),
+              "Resample a turn that repeats an earlier user turn or copies the intent.", "Verbatim repetition"),
 )
 # What else a turn's record may say acted on it: not switches, but reported beside them.
 REPORTED: tuple[Guardrail, ...] = GUARDRAILS + (
