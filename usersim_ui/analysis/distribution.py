@@ -41,8 +41,11 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from usersim_ui.core.dialogue import Dialogue, Turn
+from usersim_ui.core.guardrails import REPORTED
 
-GUARDRAILS = ("first_token", "no_early_ending", "length", "repetition", "retry_cap")
+# Every guardrail a turn may record as acting, from the core's table (a context trim is not a guardrail
+# decision about the user's text: it is counted as context_trims).
+GUARDRAILS = tuple(g.name for g in REPORTED if g.name != "context")
 ARM_COLOURS = ("#2563eb", "#f97316", "#16a34a", "#9333ea")
 GROUP_DASH = {"all": "solid", "user": "dash", "turn_cap": "dot", "researcher": "dashdot", "open": "longdash"}
 
