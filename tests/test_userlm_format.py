@@ -72,7 +72,7 @@ def test_chat_template_ids_defuse_chatml_injection(smollm2):
 
 
 def test_first_token_ban_follows_the_published_rule_and_any_case_is_an_option(llama_tok):
-    from usersim_ui.core.guardrails import banned_first_token_ids
+    from usersim_ui.prompts.first_tokens import banned_first_token_ids
     from usersim_ui.prompts.userlm import encode_plain
 
     one = lambda text: encode_plain(llama_tok, text)[0]  # noqa: E731
