@@ -20,7 +20,6 @@ SETTINGS = dict(temperature=1.0, top_p=0.8, max_new_tokens=16, seed=0, max_turns
 BACKEND = dict(backend_kind="local", system_prompt="Be brief.", a_temperature=0.7, a_max_tokens=16,
                base_url="", model_name="", api_key="")
 INTENT = "You want to know how long before bedtime you should stop drinking coffee."
-SKIP = {"__type__": "update"}
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +42,12 @@ def trickle():
 def args(**overrides):
     values = {**SETTINGS, **BACKEND, **overrides}
     return [values[k] for k in SETTINGS], [values[k] for k in BACKEND]
+
+
+def refused(action, reason: str) -> None:
+    """A refusal reaches an API caller as an error that carries its reason (the dialogue is kept)."""
+    with pytest.raises(gradio_client.exceptions.AppError, match=reason):
+        action()
 
 
 def call(client, api_name, intent=INTENT, **overrides):
@@ -103,9 +108,10 @@ def test_edits_sent_during_a_run_are_refused_and_the_run_keeps_its_turns(app_url
     wait_for_turns(client, 1)
     before = dialogue_of(client)
     settings, _backend = args()
-    assert client.predict(INTENT, "typed over the run", *settings, api_name="/send_reply") == (SKIP,) * 7
-    assert client.predict(1, "edited during the run", api_name="/edit_turn") == (SKIP,) * 6
-    assert client.predict(api_name="/undo") == (SKIP,) * 6
+    refused(lambda: client.predict(INTENT, "typed over the run", *settings, api_name="/send_reply"),
+            "Sending a reply is not possible while a run is in flight")
+    refused(lambda: client.predict(1, "edited during the run", api_name="/edit_turn"), "Editing a turn is not possible")
+    refused(lambda: client.predict(api_name="/undo"), "Undo is not possible")
     assert dialogue_of(client) == before  # nothing applied while the run is in flight
     job.result(timeout=60)
     after = dialogue_of(client)
@@ -136,7 +142,7 @@ def test_a_second_run_in_the_same_session_is_refused(app_url, trickle):
     client = gradio_client.Client(app_url, verbose=False)
     job = submit(client, "/auto_run", **via(trickle), max_turns=2)
     wait_for_turns(client, 1)
-    assert call(client, "/step", **via(trickle)) == (SKIP,) * 6
+    refused(lambda: call(client, "/step", **via(trickle)), "already in flight")
     client.predict(api_name="/stop")
     job.result(timeout=30)
     assert len(dialogue_of(client)["messages"]) <= 2
@@ -186,8 +192,8 @@ def test_refusals_leave_every_output_and_a_raised_cap_reopens(app_url):
     call(client, "/auto_run", max_turns=1)
     record = dialogue_of(client)
     assert record["ended_by"] == "turn_cap" and len(record["messages"]) == 2
-    assert call(client, "/step", max_turns=1) == (SKIP,) * 6  # over: refused, nothing blanked
-    assert call(client, "/next_assistant_turn", max_turns=2, backend_kind="researcher") == (SKIP,) * 6
+    refused(lambda: call(client, "/step", max_turns=1), "turn cap")  # over: refused, nothing blanked
+    refused(lambda: call(client, "/next_assistant_turn", max_turns=2, backend_kind="researcher"), "It is the user's turn")
     out = call(client, "/next_user_turn", max_turns=2)
     assert "Next: the **assistant**" in out[1] and len(dialogue_of(client)["messages"]) == 3
     assert dialogue_of(client)["ended_by"] is None
@@ -219,7 +225,7 @@ def test_temperature_zero_huge_seeds_and_empty_boxes(app_url):
     assert len(record["messages"]) == 2 and "Next: the **user**" in out[1]
     assert record["turns"][0]["sampling"]["temperature"] == 0.0
     assert record["turns"][1]["seed"] is not None
-    assert call(client, "/step", seed=None) == (SKIP,) * 6
+    refused(lambda: call(client, "/step", seed=None), "(?i)seed")
     assert len(dialogue_of(client)["messages"]) == 2
 
 
@@ -242,14 +248,14 @@ def test_size_limits_have_clear_refusals(app_url, tmp_path):
     client = gradio_client.Client(app_url, verbose=False)
     call(client, "/next_user_turn", backend_kind="researcher")
     settings, _ = args()
-    assert client.predict(INTENT, "word " * 9000, *settings, api_name="/send_reply") == (SKIP,) * 7
+    refused(lambda: client.predict(INTENT, "word " * 9000, *settings, api_name="/send_reply"), "the limit is 8,000")
     assert len(dialogue_of(client)["messages"]) == 1
     big = tmp_path / "big.jsonl"
     big.write_text(json.dumps({"intent": "x", "messages": [{"role": "user", "content": "a" * 6_000_000}]}))
     long_intent = tmp_path / "intent.jsonl"
     long_intent.write_text(json.dumps({"intent": "x" * 5000, "messages": []}))
     for path in (big, long_intent):
-        assert client.predict(gradio_client.handle_file(str(path)), api_name="/import_jsonl") == (SKIP,) * 7
+        refused(lambda: client.predict(gradio_client.handle_file(str(path)), api_name="/import_jsonl"), "Could not import")
     assert len(dialogue_of(client)["messages"]) == 1
 
 
@@ -269,7 +275,8 @@ def test_each_malformed_record_is_refused_with_line_and_field(app_url, tmp_path,
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"intent": "fine", "messages": []}) + "\n" + json.dumps(record) + "\n")
     with caplog.at_level(logging.INFO, logger="usersim_ui"):
-        assert client.predict(gradio_client.handle_file(str(path)), api_name="/import_jsonl") == (SKIP,) * 7
+        refused(lambda: client.predict(gradio_client.handle_file(str(path)), api_name="/import_jsonl"),
+                "Could not import: line 2: field '")
     refusals = [r for r in caplog.records if "refused import_jsonl" in r.getMessage()]
     assert len(refusals) == 1 and "line 2: field '" in refusals[0].getMessage() and refusals[0].exc_info is None
     assert dialogue_of(client) == before

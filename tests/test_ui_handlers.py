@@ -22,7 +22,9 @@ SKIP = {"__type__": "update"}
 @pytest.fixture
 def tiny(monkeypatch, tiny_sim):
     monkeypatch.setattr(gpu, "_simulator", tiny_sim)
-    return "handler-test"
+    events.RUNS.forget("handler-test")  # a fresh session: the server holds each session's latest dialogue
+    yield "handler-test"
+    events.RUNS.forget("handler-test")
 
 
 def dialogues(gen) -> list[Dialogue]:

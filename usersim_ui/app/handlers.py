@@ -1,18 +1,21 @@
 """What each page event does: read the inputs, call the core, return the new view.
 
-Every handler follows ``run_control``'s design: an event that cannot apply now is *refused*
-(a toast, one log line, every output left as it was), never applied to a dialogue that a
-run would then overwrite. Handlers take plain values so that tests call them directly.
+Every handler follows ``run_control``'s design: the dialogue to change is the session's latest
+(held by ``RUNS``, not the page's possibly stale state), every change is committed there, and an
+event that cannot apply now is *refused* (one log line; on the page a toast with every output
+left as it was, to an API caller a ``gr.Error`` with the reason), never applied to a dialogue
+that a run would then overwrite. Handlers take plain values so that tests call them directly.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import gradio as gr
 
@@ -39,6 +42,7 @@ from usersim_ui.core.errors import GenerationCancelled
 from usersim_ui.core.limits import (
     MAX_IMPORT_BYTES,
     MAX_IMPORT_DIALOGUES,
+    MAX_INTENT_CHARS,
     MAX_TURN_CHARS,
     MAX_TURNS,
 )
@@ -55,8 +59,40 @@ def _release_session(session: str, data: dict[str, object]) -> None:
 RUNS = RunControl(on_forget=_release_session)
 
 
+def configure_logging(level: int = logging.INFO) -> None:
+    """Print the app's log lines (refusals, runs that ended early) on stderr, where a host or a
+    Space's log shows them: without this Python drops INFO, so no refusal was ever printed.
+    A host that configured logging itself (a root handler) keeps its own setup."""
+    log.setLevel(level)
+    if not logging.getLogger().handlers and not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+
+
+def is_page(request: gr.Request | None) -> bool:
+    """Whether the event came from the page (gradio's browser client sends ``x-gradio-user: app``;
+    gradio_client sends ``api``). Only decides how a refusal is delivered, so a forged header
+    gains nothing."""
+    headers = getattr(request, "headers", None)
+    return request is None or headers is None or headers.get("x-gradio-user") == "app"
+
+
 def session_of(request: gr.Request | None) -> str:
-    return getattr(request, "session_hash", None) or "local"
+    """The session's key; notes whether it is the page's or an API caller's (a session is one
+    or the other for its whole life), which :func:`refuse` reads."""
+    session = getattr(request, "session_hash", None) or "local"
+    if request is not None and not is_page(request):
+        RUNS.session_data(session)["api"] = True
+    return session
+
+
+def visitor_of(request: gr.Request | None) -> str | None:
+    """The visitor a run counts against (RunControl.per_visitor): the client's address as
+    uvicorn resolved it (behind a proxy, uvicorn reads X-Forwarded-For from the addresses in
+    FORWARDED_ALLOW_IPS; see README "Hosting in public")."""
+    client = getattr(request, "client", None)
+    return getattr(client, "host", None) or None
 
 
 def _safe_name(session: str) -> str:
@@ -64,10 +100,46 @@ def _safe_name(session: str) -> str:
 
 
 def refuse(message: str, event: str, session: str) -> tuple[Any, ...]:
-    """An expected refusal: a toast, one log line, and every output left as it was."""
-    log.info("refused %s (session %s): %s", event, session[:8], message)
+    """An expected refusal: one log line, then on the page a toast with every output left as
+    it was, and to an API caller a gr.Error carrying the reason (the dialogue is unchanged)."""
+    log.info("refused %s (session %s): %s", event, session[:8], " ".join(message.split()))
+    if RUNS.session_data(session).get("api"):
+        raise gr.Error(message, title="Refused", print_exception=False)
     gr.Warning(message)
     return tuple(gr.skip() for _ in range(N_VIEW))
+
+
+def notice_only(text: str) -> tuple[Any, ...]:
+    """Only the status line changes (the dialogue and its views stay as they are)."""
+    return (gr.skip(), gr.skip(), text) + tuple(gr.skip() for _ in range(N_VIEW - 3))
+
+
+def checked_numbers(components: Iterable[Any]) -> None:
+    """Number and Slider boxes refuse a value that is not a number with the box's name.
+
+    Gradio's own preprocessing compares such a value with the box's bounds and fails with a
+    TypeError, which reaches an API caller as "The upstream Gradio app has raised an exception";
+    this check runs first (once per component, however many events it feeds)."""
+    for component in components:
+        if not isinstance(component, (gr.Number, gr.Slider)) or getattr(component, "_usersim_checked", False):
+            continue
+        original, label = component.preprocess, component.label or "A number box"
+        low, high = getattr(component, "minimum", None), getattr(component, "maximum", None)
+
+        def preprocess(payload: Any, original: Callable[[Any], Any] = original, label: str = label,
+                       low: float | None = low, high: float | None = high) -> Any:
+            if payload is None:
+                return original(payload)
+            if isinstance(payload, bool) or not isinstance(payload, (int, float)) or not math.isfinite(payload):
+                raise gr.Error(f"'{label}' must be a number; got {payload!r:.40}.", print_exception=False)
+            if (low is not None and payload < low) or (high is not None and payload > high):
+                bounds = f"between {low:g} and {high:g}" if low is not None and high is not None else \
+                    (f"at least {low:g}" if low is not None else f"at most {high:g}")
+                raise gr.Error(f"'{label}' must be {bounds}; got {payload!r}.", print_exception=False)
+            return original(payload)
+
+        component.preprocess = preprocess
+        component._usersim_checked = True
 
 
 def count_user_tokens(text: str) -> int:
@@ -168,26 +240,42 @@ def turn_maker(spec: BackendSpec, run: Run, regenerate_from: Dialogue | None
 
 
 def run_turns(dialogue: Dialogue | None, intent: str, form: Form, session: str, role: str | None,
-              max_new_turns: int | None, regenerate: bool = False, event: str = "run") -> Iterator[tuple[Any, ...]]:
+              max_new_turns: int | None, regenerate: bool = False, event: str = "run",
+              visitor: str | None = None) -> Iterator[tuple[Any, ...]]:
     """Make turns and stream each into the view. Stop, End, Reset or an error keep every turn
-    made so far (Regenerate keeps the original turn unless a new one was made)."""
+    made so far (Regenerate keeps the original turn unless a new one was made).
+
+    The run registers *before* it reads the dialogue: ``dialogue`` (the page's state when the
+    event was queued) gives way to whatever a Send, Edit, Undo or Import committed before, so
+    their confirmed work is never overwritten by the run's first update."""
     try:
-        settings, spec = form.settings, form.backend
-        if regenerate:
-            if dialogue is None or not dialogue.turns:
-                raise ValueError("Nothing to regenerate yet.")
-            original, start = dialogue, engine.undo(dialogue)
-        else:
-            original = start = begin(dialogue, intent)
-        if role is not None and start.next_role != role:
-            raise ValueError(f"It is the {start.next_role}'s turn.")
-        if start.next_role == "assistant" and spec.kind == "researcher":
-            raise engine.NeedsResearcher("You are the assistant: type the reply and press Send.")
-        start = engine.ensure_open(start, settings)
-        with RUNS.start(session) as run:
+        with RUNS.start(session, visitor) as run:
+            dialogue = RUNS.dialogue(session, dialogue)
+            if run.stopped_early:
+                yield notice_only("Stopped before the run began (Stop came as it was sent). Nothing was changed.")
+                return
+            settings, spec = form.settings, form.backend
+            if regenerate:
+                if dialogue is None or not dialogue.turns:
+                    raise ValueError("Nothing to regenerate yet.")
+                original, start = dialogue, engine.undo(dialogue)
+            else:
+                original = start = begin(dialogue, intent)
+            if role is not None and start.next_role != role:
+                raise ValueError(f"It is the {start.next_role}'s turn.")
+            if start.next_role == "assistant" and spec.kind == "researcher":
+                raise engine.NeedsResearcher("You are the assistant: type the reply and press Send.")
+            start = engine.ensure_open(start, settings)
             yield from _run(run, original, start, settings, spec, session, max_new_turns, regenerate)
     except (RunRefused, *USER_ERRORS) as exc:
         yield refuse(str(exc), event, session)
+
+
+def _stopped_text(run: Run) -> str:
+    if run.timed_out:
+        return (f"Stopped: one run may last {RUNS.max_run_s / 60:g} minutes on this server. "
+                "The dialogue so far is kept; run again to go on.")
+    return "Stopped. The dialogue so far is kept."
 
 
 def _run(run: Run, original: Dialogue, start: Dialogue, settings: engine.RunSettings, spec: BackendSpec,
@@ -195,13 +283,16 @@ def _run(run: Run, original: Dialogue, start: Dialogue, settings: engine.RunSett
     set_live_settings(session, settings)
     now = lambda: live_settings(session) or settings  # noqa: E731 - toggles moved mid-run apply next turn
     current, notice = start, None
+    RUNS.commit(run, original)
     yield render(original, running=running_text(start, settings))
     try:
         for current in engine.run(start, turn_maker(spec, run, original if regenerate else None), now,
                                   max_new_turns):
+            if not RUNS.commit(run, current):
+                raise GenerationCancelled("the session's dialogue changed under the run")
             yield render(current, running=None if current.ended_by else running_text(current, now()))
     except GenerationCancelled:
-        notice = "Stopped. The dialogue so far is kept."
+        notice = _stopped_text(run)
     except (gr.Error, *USER_ERRORS) as exc:
         message = exc.message if isinstance(exc, gr.Error) else str(exc)
         log.info("run ended early (session %s): %s", session[:8], message)
@@ -214,40 +305,65 @@ def _run(run: Run, original: Dialogue, start: Dialogue, settings: engine.RunSett
 
 # ---- events that change the dialogue without a model ---------------------------------------
 
-def guarded(event: str, session: str, fn: Callable[[], Dialogue], while_running: str) -> tuple[Any, ...]:
-    """Apply a quick transition unless a run is in flight; refuse with a toast otherwise."""
+def guarded(event: str, session: str, dialogue: Dialogue | None, transition: Callable[[Dialogue], Dialogue],
+            while_running: str) -> tuple[Any, ...]:
+    """Apply a quick transition to the session's latest dialogue unless a run is in flight;
+    refuse otherwise."""
+    def apply(latest: Dialogue | None) -> Dialogue:
+        if latest is None:
+            raise ValueError("There is no dialogue yet.")
+        return transition(latest)
     try:
-        RUNS.refuse_if_running(session, while_running)
-        return render(fn())
+        return render(RUNS.transition(session, dialogue, apply, while_running))
     except (RunRefused, *USER_ERRORS) as exc:
         return refuse(str(exc), event, session)
 
 
-def cancel_then(event: str, session: str, dialogue: Dialogue | None,
-                transition: Callable[[Dialogue], Dialogue]) -> tuple[Any, ...]:
-    """End and Reset: stop any run and make the transition its last word."""
+def cancel_then(event: str, session: str, dialogue: Dialogue | None, transition: Callable[[Dialogue], Dialogue],
+                on_run: Callable[[Dialogue], Dialogue] | None = None) -> tuple[Any, ...]:
+    """End and Reset: stop any run and make the transition its last word (``on_run``, if
+    given, is what the run applies), else apply it to the session's dialogue."""
     try:
-        final = RUNS.cancel_then(session, transition)
-        if final is None:
-            final = transition(dialogue if dialogue is not None else Dialogue(intent=""))
+        final = RUNS.apply_after_runs(session, dialogue, transition, on_run=on_run)
         return render(final)
     except (RunRefused, *USER_ERRORS) as exc:
         return refuse(str(exc), event, session)
+
+
+def end_dialogue(dialogue: Dialogue | None, session: str) -> tuple[Any, ...]:
+    """End: the researcher ends the dialogue. During a run (its first turn included) it stops
+    the run and ends what the run made; with no run and no turn there is nothing to end."""
+    def end(latest: Dialogue | None) -> Dialogue:
+        if latest is None or not latest.turns:
+            raise ValueError("There is no dialogue to end yet.")
+        return engine.end_by_researcher(latest)
+
+    def end_run(made: Dialogue) -> Dialogue:  # the run's last word: it stops either way
+        return engine.end_by_researcher(made) if made.turns else made
+    return cancel_then("end_dialogue", session, dialogue, end, on_run=end_run)
+
+
+def reset(dialogue: Dialogue | None, intent: str, session: str) -> tuple[Any, ...]:
+    fresh = Dialogue(intent=(intent or "").strip()[:MAX_INTENT_CHARS])
+    return cancel_then("reset", session, dialogue, lambda _d: fresh)
 
 
 def send_reply(dialogue: Dialogue | None, intent: str, text: str, settings: engine.RunSettings,
                session: str) -> tuple[Any, ...]:
     """The researcher's typed turn; the reply box empties only when the turn was taken."""
     try:
-        RUNS.refuse_if_running(session, "Sending a reply")
-        return render(engine.researcher_turn(begin(dialogue, intent), text, settings, count_user_tokens)) + ("",)
+        made = RUNS.transition(
+            session, dialogue, lambda latest: engine.researcher_turn(begin(latest, intent), text, settings,
+                                                                     count_user_tokens), "Sending a reply")
+        return render(made) + ("",)
     except (RunRefused, *USER_ERRORS) as exc:
         return refuse(str(exc), "send_reply", session) + (gr.skip(),)
 
 
 def export_file(dialogue: Dialogue | None, session: str) -> str:
-    """The dialogue as a JSONL file in the session's own folder (replaced on each export,
-    removed when the session ends)."""
+    """The session's dialogue as a JSONL file in the session's own folder (replaced on each
+    export, removed when the session ends)."""
+    dialogue = RUNS.dialogue(session, dialogue)
     if dialogue is None or not dialogue.turns:
         raise gr.Error("Nothing to export yet.", print_exception=False)
     folder = EXPORT_ROOT / _safe_name(session)
@@ -264,6 +380,16 @@ def load_example(path: Path, session: str) -> tuple[Any, ...]:
     return import_file(str(path), session)
 
 
+def load_example_at(examples: Sequence[Any], index: Any, session: str) -> tuple[Any, ...]:
+    """The gallery's ``index``-th example (API callers send the index): a clear refusal for
+    one that does not exist."""
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(examples):
+        message = (f"There is no example {index!r:.40}: the gallery holds {len(examples)}, numbered 0 to "
+                   f"{len(examples) - 1}." if examples else "The gallery holds no examples.")
+        return refuse(message, "load_example", session) + (gr.skip(),)
+    return load_example(examples[index].path, session)
+
+
 def import_file(file: Any, session: str) -> tuple[Any, ...]:
     """The first dialogue of an uploaded JSONL file, every field checked."""
     if file is None:
@@ -278,8 +404,11 @@ def import_file(file: Any, session: str) -> tuple[Any, ...]:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
             raise ValueError("The file is not UTF-8 text.") from exc
-        dialogues = dialogues_from_jsonl(text, max_text_chars=MAX_TURN_CHARS, max_turns=MAX_TURNS,
-                                         max_dialogues=MAX_IMPORT_DIALOGUES)
+        try:
+            dialogues = dialogues_from_jsonl(text, max_text_chars=MAX_TURN_CHARS, max_turns=MAX_TURNS,
+                                             max_dialogues=MAX_IMPORT_DIALOGUES)
+        except RecursionError as exc:  # json's parser recurses once per level of nesting
+            raise ValueError("the file nests JSON arrays or objects too deeply to be a dialogue record") from exc
         if not dialogues:
             raise ValueError("The file holds no dialogue.")
         for number, imported in enumerate(dialogues, 1):
@@ -287,8 +416,9 @@ def import_file(file: Any, session: str) -> tuple[Any, ...]:
                 engine.validate_intent(imported.intent)
             except ValueError as exc:
                 raise ValueError(f"dialogue {number}: {exc}") from exc
+        shown = RUNS.transition(session, None, lambda _latest: dialogues[0], "Importing")
     except (RunRefused, ValueError, OSError) as exc:
         return refuse(f"Could not import: {exc}", "import_jsonl", session) + (gr.skip(),)
     if len(dialogues) > 1:
         gr.Info(f"The file holds {len(dialogues)} dialogues; showing the first.")
-    return render(dialogues[0]) + (dialogues[0].intent,)
+    return render(shown) + (shown.intent,)

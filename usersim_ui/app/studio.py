@@ -268,6 +268,7 @@ def _controls(page: Page) -> Any:
 def _wire_runs(page: Page, update: Any, lock: Any, outputs: list[Any], refresh_inputs: list[Any]) -> None:
     n_set, n_back = len(page.settings), len(page.backend)
     inputs = [page.state, page.intent, *page.settings, *page.backend, *page.extra]
+    events.checked_numbers(inputs)  # "abc" in a number box: a refusal naming the box, not gradio's TypeError
 
     def handler(role: str | None, max_new: int | None, regenerate: bool, event: str):
         def run(request: gr.Request, dialogue, intent_text, *values):
@@ -277,15 +278,22 @@ def _wire_runs(page: Page, update: Any, lock: Any, outputs: list[Any], refresh_i
             except ValueError as exc:
                 yield events.refuse(str(exc), event, session)
                 return
-            yield from events.run_turns(dialogue, intent_text, form, session, role, max_new, regenerate, event)
+            yield from events.run_turns(dialogue, intent_text, form, session, role, max_new, regenerate, event,
+                                        visitor=events.visitor_of(request))
         return run
+
+    def clicked(request: gr.Request) -> list[Any]:
+        # A new click supersedes a Stop that found no run; a Stop pressed from here on reaches
+        # this run even before it registers (run_control remembers it).
+        events.RUNS.clear_stop(events.session_of(request))
+        return lock()
 
     runs = {"next_user_turn": ("user", 1, False), "next_assistant_turn": ("assistant", 1, False),
             "step": (None, 2, False), "auto_run": (None, None, False), "regenerate": (None, 1, True)}
     for name, (role, max_new, regenerate) in runs.items():
         # Runs register with run_control the moment they start: no gradio queue in front of them
         # (so Stop reaches a waiting run), bounded by RunControl.max_runs instead.
-        page.buttons[name].click(lock, None, outputs, queue=False, api_name=False).then(
+        page.buttons[name].click(clicked, None, outputs, queue=False, api_name=False).then(
             handler(role, max_new, regenerate, name), inputs, page.view, api_name=name,
             concurrency_id="runs", concurrency_limit=events.RUNS.max_runs + 4,
         ).then(update, refresh_inputs, outputs, queue=False, api_name=False)
@@ -296,12 +304,12 @@ def _wire_runs(page: Page, update: Any, lock: Any, outputs: list[Any], refresh_i
 
 
 def _wire_edits(page: Page) -> None:
+    events.checked_numbers([page.edit_no])
+
     def quick(event: str, while_running: str, transition: Any):
         def handler(request: gr.Request, dialogue, *args):
             session = events.session_of(request)
-            if dialogue is None:
-                return events.refuse("There is no dialogue yet.", event, session)
-            return events.guarded(event, session, lambda: transition(dialogue, *args), while_running)
+            return events.guarded(event, session, dialogue, lambda latest: transition(latest, *args), while_running)
         return handler
 
     page.buttons["undo"].click(quick("undo", "Undo", engine.undo), [page.state], page.view, api_name="undo")
@@ -311,14 +319,11 @@ def _wire_edits(page: Page) -> None:
         [page.state, page.edit_no, page.edit_text], page.view, api_name="edit_turn")
 
     def end(request: gr.Request, dialogue):
-        if dialogue is None or not dialogue.turns:
-            return events.refuse("There is no dialogue to end yet.", "end_dialogue", events.session_of(request))
-        return events.cancel_then("end_dialogue", events.session_of(request), dialogue, engine.end_by_researcher)
+        return events.end_dialogue(dialogue, events.session_of(request))
     page.buttons["end_dialogue"].click(end, [page.state], page.view, api_name="end_dialogue", concurrency_limit=None)
 
     def reset(request: gr.Request, dialogue, intent_text):
-        fresh = Dialogue(intent=(intent_text or "").strip()[:MAX_INTENT_CHARS])
-        return events.cancel_then("reset", events.session_of(request), dialogue, lambda _d: fresh)
+        return events.reset(dialogue, intent_text, events.session_of(request))
     page.buttons["reset"].click(reset, [page.state, page.intent], page.view, api_name="reset", concurrency_limit=None)
     page.chatbot.clear(reset, [page.state, page.intent], page.view, api_name=False, concurrency_limit=None)
 
@@ -345,7 +350,7 @@ def _wire_files(page: Page) -> None:
 
     if page.gallery is not None:
         def load_example(request: gr.Request, index: int):
-            return events.load_example(page.examples[index].path, events.session_of(request))
+            return events.load_example_at(page.examples, index, events.session_of(request))
         page.gallery.click(load_example, [page.gallery], page.view + [page.intent], api_name="load_example")
 
 
@@ -367,6 +372,7 @@ def _wire_settings(page: Page) -> None:
 def build_app(max_new_tokens: int = 64, assistant_max_tokens: int = 256, max_turns: int = 6) -> gr.Blocks:
     """The page; the arguments set the initial slider values (short user turns keep a CPU demo brisk)."""
     # Exported files and uploads in gradio's cache are deleted an hour after they were made.
+    events.configure_logging()  # refusals and failed runs are printed where the host sees them
     with gr.Blocks(title="UserSim Studio", delete_cache=(600, 3600)) as demo:
         with gr.Tab("Studio"):
             page = _layout(max_new_tokens, assistant_max_tokens, max_turns)

@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 from usersim_ui.assistants.base import with_system
 from usersim_ui.core.errors import BackendError
 from usersim_ui.core.limits import (
+    MAX_TURN_CHARS,
     check_context,
 )
 from usersim_ui.core.protocols import AssistantReply
@@ -49,4 +50,7 @@ class TransformersAssistant:
         if not text:
             raise BackendError(f"{self.name} wrote an empty reply ({len(new_ids)} tokens); Regenerate or raise "
                                "the assistant temperature.")
-        return AssistantReply(text, len(new_ids), result.latency_s, self.name)
+        # A turn is at most MAX_TURN_CHARS wherever it comes from, so that its export imports again.
+        cut = len(text) > MAX_TURN_CHARS
+        return AssistantReply(text[:MAX_TURN_CHARS] if cut else text, len(new_ids), result.latency_s, self.name,
+                              truncated=cut)

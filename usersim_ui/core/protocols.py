@@ -42,6 +42,7 @@ class AssistantReply:
     tokens: int
     latency_s: float
     model_id: str
+    truncated: bool = False  # the text was cut at the turn limit (core.limits.MAX_TURN_CHARS)
 
 
 class AssistantBackend(Protocol):

@@ -108,7 +108,7 @@ def assistant_turn(dialogue: Dialogue, backend: AssistantBackend | None, setting
     reply = backend.reply(dialogue.messages(), stop_event, seed=seed, on_token=on_token)
     turn = Turn(role="assistant", text=reply.text, tokens=reply.tokens, words=count_words(reply.text),
                 author=getattr(backend, "author", "model"), model_id=reply.model_id,
-                latency_s=reply.latency_s, seed=seed)
+                latency_s=reply.latency_s, seed=seed, truncated=reply.truncated)
     return close_at_cap(replace(dialogue.with_turn(turn), assistant_model=backend.name), settings)
 
 

@@ -72,6 +72,47 @@ class FirstLogits:
             raise RuntimeError("the model's forward never ran in this thread: p_end has no logits to read")
 
 
+def decoder_layers(model: Any) -> list[Any]:
+    """The model's stack of decoder layers (Llama-style ``model.layers`` and the other common
+    layouts); the whole model when none is found (then Stop is seen per forward pass only)."""
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if obj is not None and len(obj) > 0:
+            return list(obj)
+    return [model]
+
+
+class StopInForward:
+    """Lets Stop end a forward pass between two decoder layers.
+
+    ``StopOnEvent`` is asked only after each generated token, so a long prompt's read-in (one
+    forward over thousands of tokens: 25 s for an 8,000-character turn on a shared CPU) could
+    not be stopped, and held the shared model that long. A pre-forward hook on every decoder
+    layer raises :class:`GenerationCancelled` once the event is set, so Stop takes effect
+    within one layer's compute. It changes no computation (outputs are the same to the bit) and
+    acts only on calls from the thread that entered, as another thread may use the same model.
+    """
+
+    def __init__(self, model: Any, event: threading.Event):
+        self.model, self.event, self._thread = model, event, threading.get_ident()
+        self._handles: list[Any] = []
+
+    def _check(self, _module: Any, _args: Any) -> None:
+        if self.event.is_set() and threading.get_ident() == self._thread:
+            raise GenerationCancelled("stopped during the forward pass")
+
+    def __enter__(self) -> "StopInForward":
+        self._handles = [layer.register_forward_pre_hook(self._check) for layer in decoder_layers(self.model)]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 @dataclass(frozen=True)
 class Sample:
     new_ids: list[list[int]]  # one list per sample drawn, cut before its stop token (a kept id stays)
@@ -93,7 +134,7 @@ def sample(model: Any, prompt_ids: Sequence[int], *, stop_ids: Sequence[int], te
 
     ``keep_ids`` also end a sample but stay in it (UserLM's ``<|endconversation|>``: the turn
     ends there and what would follow is junk). Raises :class:`GenerationCancelled` if
-    ``stop_event`` fires.
+    ``stop_event`` fires, within one token or, during the prompt's read-in, one decoder layer.
 
     ``past_key_values``: a one-row KV cache over a strict prefix of ``prompt_ids`` (see
     ``prefix_cache``); only the rest is prefilled. It is used up (generate grows it); for
@@ -122,7 +163,7 @@ def sample(model: Any, prompt_ids: Sequence[int], *, stop_ids: Sequence[int], te
         extra["past_key_values"] = past_key_values
     torch.manual_seed(seed)
     started = time.perf_counter()
-    with torch.inference_mode(), FirstLogits(model) as first:
+    with torch.inference_mode(), FirstLogits(model) as first, StopInForward(model, stop_event):
         out = model.generate(
             input_ids=batch_ids, attention_mask=torch.ones_like(batch_ids), **extra,
             do_sample=do_sample, temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
