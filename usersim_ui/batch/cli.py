@@ -87,6 +87,14 @@ def make_assistant(spec: str, seed: int, max_tokens: int, max_turns: int) -> Any
                                                      api_key=os.environ.get("OPENAI_API_KEY", ""))))
 
 
+def server_urls(values: list[str]) -> list[str]:
+    """``--user-server`` as given (repeated, comma-separated, or both) -> the replicas, in order, once each."""
+    urls = list(dict.fromkeys(u.strip().rstrip("/") for v in values for u in v.split(",") if u.strip()))
+    if not urls:
+        raise SystemExit("--user-server: no URL given")
+    return urls
+
+
 # ---- command line ---------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="runs/NAME.jsonl; NAME.csv, NAME.dialogues.csv, NAME.html beside it")
     p.add_argument("--concurrency", type=int, default=1, help="dialogues in flight (in-process: their user turns "
                                                                   "are batched together)")
-    p.add_argument("--user-server", default=None, help="comma-separated completions base URLs (…/v1) running the user model")
+    p.add_argument("--user-server", action="append", default=None,
+                   help="completions base URL (…/v1) running the user model: repeat it or separate URLs by commas "
+                        "for replicas (each dialogue stays on one, by sha256 of its key), or give one router")
+    p.add_argument("--routing-header", default="X-SMG-Routing-Key",
+                   help="header carrying each dialogue's key on every user-turn request, for a router's session "
+                        "affinity (sglang-router --policy manual reads X-SMG-Routing-Key); '' sends none")
     p.add_argument("--user-server-model", default=None, help="model name on the user servers (default: their first)")
     p.add_argument("--user-model", default=None, help="userlm | baseline | a path (default: by device); with "
                                                       "--user-server: whose tokenizer/format the server runs")
@@ -139,13 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     model_lock = threading.Lock()
     replica_for: Callable[[Job], str | None] = lambda job: None
     if args.user_server:
-        from usersim_ui.users.remote import CompletionsUserSimulator, replica_index
+        from usersim_ui.users.remote import CompletionsUserSimulator, RoutedUser, replica_index
 
-        urls = [u.strip() for u in args.user_server.split(",") if u.strip()]
+        urls = server_urls(args.user_server)
         tok, fmt = user_tokenizer_and_format(args.user_model)
         model = args.user_server_model or served_model(urls[0])
         sims = [CompletionsUserSimulator(u, model, tok, fmt, timeout_s=args.timeout) for u in urls]
-        simulator_for = lambda job: sims[replica_index(job.key, len(sims))]  # noqa: E731
+        header = args.routing_header
+
+        def simulator_for(job: Job) -> Any:  # one replica per dialogue; its key for a router in front
+            sim = sims[replica_index(job.key, len(sims))]
+            return RoutedUser(sim, job.key, header) if header else sim
         replica_for = lambda job: urls[replica_index(job.key, len(urls))]  # noqa: E731
     else:
         if args.user_model == "tiny":

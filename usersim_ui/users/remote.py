@@ -34,6 +34,10 @@ template never sees the dialogue. What each guardrail costs on the wire:
   as ``n`` samples in one request (seeds ``seed + i``, llama-server's rule; a server that
   refuses ``n`` gets ``n`` requests of one sample sent together).
 
+Behind a **router** in front of several replicas, a dialogue's requests carry its key in
+:data:`ROUTING_KEY_HEADER` (:class:`RoutedUser`), so a router that pins a key to one worker
+keeps the dialogue's growing prompt on the replica that has its prefix cached.
+
 Every failure (connection refused, timeout, a non-200 answer, a body that is not JSON, no
 choices, no token ids, values that are not logprobs or ids outside the vocabulary) raises
 :class:`~usersim_ui.core.errors.BackendError` naming the server; a turn is returned whole or
@@ -82,6 +86,9 @@ RETRIES = 3
 POLL_S = 0.1  # how often a blocked request looks at Stop
 REQUEST_BASE_S = 30.0  # a request's own timeout: this plus PER_TOKEN_S per token asked for
 PER_TOKEN_S = 0.5
+# The session key sglang-router's ``manual`` policy (and the SGLang model gateway's
+# ``consistent_hashing``) pins to one worker; any router that hashes on a header can use it.
+ROUTING_KEY_HEADER = "X-SMG-Routing-Key"
 
 Requests = list[dict[str, Any]]
 Protocol = Generator[tuple[Requests, bool], list[Any], Turn]
@@ -394,14 +401,14 @@ class CompletionsUserSimulator:
         return None
 
     def _post_sync(self, payload: dict[str, Any], probe: bool, started: float,
-                   stop_event: threading.Event | None) -> Any:
+                   stop_event: threading.Event | None, headers: dict[str, str] | None = None) -> Any:
         """One request with retries; Stop is seen within POLL_S of any wait (the request's thread
         is left to finish on its own timeout, the run is released at once)."""
         client, pool = self._sync_client()
         for attempt in range(RETRIES + 1):
             timeout = self._timeout(payload, started, stop_event)
             self.requests_sent += 1
-            future: Future = pool.submit(_post, client, self.url, payload, timeout)
+            future: Future = pool.submit(_post, client, self.url, payload, timeout, headers)
             deadline = time.monotonic() + timeout + 1.0
             while True:
                 try:
@@ -422,9 +429,10 @@ class CompletionsUserSimulator:
 
     def generate_turn(self, dialogue: Dialogue, guardrails: GuardrailSettings, sampling: SamplingSettings,
                       context_budget: int = 2048, stop_event: threading.Event | None = None,
-                      seed: int | None = None, on_token: Callable[[], None] | None = None) -> Turn:
+                      seed: int | None = None, on_token: Callable[[], None] | None = None,
+                      headers: dict[str, str] | None = None) -> Turn:
         """The next user turn (blocking). ``on_token`` is accepted for the contract; requests are
-        not streamed, so it is not called."""
+        not streamed, so it is not called. ``headers`` go with each of the turn's requests."""
         protocol = self.turn_protocol(dialogue, guardrails, sampling, context_budget, seed)
         started = time.perf_counter()
         answers: list[Any] | None = None
@@ -434,16 +442,18 @@ class CompletionsUserSimulator:
             except StopIteration as done:
                 return done.value
             if len(payloads) == 1:
-                answers = [self._post_sync(payloads[0], probe, started, stop_event)]
+                answers = [self._post_sync(payloads[0], probe, started, stop_event, headers)]
             else:  # sent together; each polls Stop, so the pool's exit waits at most POLL_S after one
                 with ThreadPoolExecutor(max_workers=len(payloads)) as fan_out:
-                    answers = list(fan_out.map(lambda p: self._post_sync(p, probe, started, stop_event), payloads))
+                    answers = list(fan_out.map(lambda p: self._post_sync(p, probe, started, stop_event, headers),
+                                               payloads))
             if stop_event is not None and stop_event.is_set():
                 raise GenerationCancelled("stopped")
 
     async def agenerate_turn(self, dialogue: Dialogue, guardrails: GuardrailSettings, sampling: SamplingSettings,
                              context_budget: int = 2048, stop_event: threading.Event | None = None,
-                             seed: int | None = None, client: httpx.AsyncClient | None = None) -> Turn:
+                             seed: int | None = None, client: httpx.AsyncClient | None = None,
+                             headers: dict[str, str] | None = None) -> Turn:
         """The same turn with asyncio: many dialogues in flight on one event loop."""
         own = client is None
         client = client or httpx.AsyncClient(headers=self._headers(),
@@ -456,7 +466,7 @@ class CompletionsUserSimulator:
                 timeout = self._timeout(payload, started, stop_event)
                 self.requests_sent += 1
                 try:
-                    raw: Any = await client.post(self.url, json=payload, timeout=timeout)
+                    raw: Any = await client.post(self.url, json=payload, timeout=timeout, headers=headers)
                 except Exception as exc:  # noqa: BLE001 - classified in _check
                     raw = exc
                 wait = self._retry_after(raw, attempt)
@@ -487,11 +497,32 @@ class CompletionsUserSimulator:
                 self._pool = None
 
 
-def _post(client: httpx.Client, url: str, payload: dict[str, Any], timeout: float) -> httpx.Response | Exception:
+def _post(client: httpx.Client, url: str, payload: dict[str, Any], timeout: float,
+          headers: dict[str, str] | None = None) -> httpx.Response | Exception:
     try:
-        return client.post(url, json=payload, timeout=timeout)
+        return client.post(url, json=payload, timeout=timeout, headers=headers)
     except Exception as exc:  # noqa: BLE001 - classified in _check
         return exc
+
+
+class RoutedUser:
+    """One dialogue's handle on a shared :class:`CompletionsUserSimulator`: every request of its
+    turns carries a digest of ``key`` in ``header`` (a router's session affinity; a digest, since
+    a header holds ASCII only and a dialogue key may not). It shares the simulator's connections
+    and what it learnt about the server (P(end) method, ``n``); all else is the simulator's."""
+
+    def __init__(self, simulator: CompletionsUserSimulator, key: str, header: str = ROUTING_KEY_HEADER):
+        self.simulator = simulator
+        self.headers = {header: hashlib.sha256(key.encode()).hexdigest()[:32]}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.simulator, name)
+
+    def generate_turn(self, *args: Any, **kwargs: Any) -> Turn:
+        return self.simulator.generate_turn(*args, headers=self.headers, **kwargs)
+
+    async def agenerate_turn(self, *args: Any, **kwargs: Any) -> Turn:
+        return await self.simulator.agenerate_turn(*args, headers=self.headers, **kwargs)
 
 
 def make_remote_simulators(urls: Sequence[str], model: str, tokenizer: Any, prompt_format: PromptFormat | None = None,
