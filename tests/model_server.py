@@ -7,7 +7,7 @@ logprobs, ``n``, per-request ``seed``), ``llama`` (llama-server: ignores ``logpr
 raw top logprobs, no echo) or ``old`` (refuses ``logprob_token_ids``, ignores positive bias,
 has ``echo``). A request
 with ``seed`` s and ``n`` samples is drawn exactly as the in-process sampler draws a round:
-``torch.manual_seed(s)`` and one ``generate`` of ``n`` rows. ``logit_bias`` is a logits
+``generation.sample`` with seed ``s`` and ``n`` rows. ``logit_bias`` is a logits
 processor, so reported logprobs stay raw. Nothing here is scripted: every number comes from
 the model.
 """

@@ -186,7 +186,7 @@ def test_a_turns_recorded_seed_reproduces_it_resamples_included(sharp):
     """Made with the scheme's seed (none given), the turn records a seed; replaying that seed on
     the server and in-process gives the same turn, rejected samples and all."""
     guard = replace(GuardrailSettings(), first_token_filter=False, min_words=9, retry_cap=4)
-    sampling = SamplingSettings(max_new_tokens=10, seed=4)
+    sampling = SamplingSettings(max_new_tokens=10, seed=7)  # a base seed whose first sample is rejected
     dialogue = Dialogue(intent=INTENT)
     client, server = remote(sharp, "vllm")
     made = client.generate_turn(dialogue, guard, sampling)

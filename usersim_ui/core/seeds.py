@@ -45,8 +45,8 @@ DRAW_MODULUS = 2**31  # llama-server keeps a request's seed in uint32 and adds t
 
 
 def draw_seed(seed: int, round_no: int) -> int:
-    """The seed a sampler gets for round ``round_no`` of the turn whose seed is ``seed``: torch's
-    ``manual_seed`` in-process, a request's ``seed`` on a server (choice ``i`` of ``n`` there
+    """The seed a sampler gets for round ``round_no`` of the turn whose seed is ``seed``: the
+    ``torch.Generator`` of its rows in-process, a request's ``seed`` on a server (choice ``i`` of ``n`` there
     takes ``draw_seed + i``). Below 2**31 so that every server keeps it exactly."""
     return round_seed(seed, round_no) % DRAW_MODULUS
 

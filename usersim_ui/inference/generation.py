@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from usersim_ui.core.errors import GenerationCancelled
+from usersim_ui.inference.sampling import RowGroup, Sampler
 
 
 class StopOnEvent(StoppingCriteria):
@@ -153,25 +154,25 @@ def sample(model: Any, prompt_ids: Sequence[int], *, stop_ids: Sequence[int], te
     cached = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
     if cached >= len(prompt_ids):
         raise ValueError(f"the cache covers {cached} tokens of a {len(prompt_ids)}-token prompt; at least one must be new")
-    batch_ids, repeat = input_ids, num_samples
+    batch_ids = input_ids.repeat_interleave(num_samples, dim=0) if num_samples > 1 else input_ids
     extra: dict[str, Any] = {}
     if past_key_values is not None:
-        if num_samples > 1:  # generate expands input tensors, not a cache: expand both here
+        if num_samples > 1:  # expanded per row like the ids
             past_key_values = copy.deepcopy(past_key_values)
             past_key_values.batch_repeat_interleave(num_samples)
-            batch_ids, repeat = input_ids.repeat_interleave(num_samples, dim=0), 1
         extra["past_key_values"] = past_key_values
-    torch.manual_seed(seed)
+    # The one sampler (inference.sampling), its uniforms from a generator seeded with ``seed``:
+    # the batched engine draws each dialogue's rows the same way, so both give the same tokens.
+    sampler = [Sampler([RowGroup.seeded(0, num_samples, temperature, top_p, seed, device)])] if do_sample else []
     started = time.perf_counter()
     with torch.inference_mode(), FirstLogits(model) as first, StopInForward(model, stop_event):
         out = model.generate(
             input_ids=batch_ids, attention_mask=torch.ones_like(batch_ids), **extra,
-            do_sample=do_sample, temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
-            top_k=None, max_new_tokens=max_new_tokens, eos_token_id=ends,
-            pad_token_id=pad_id if pad_id is not None else stop_ids[0],
-            logits_processor=LogitsProcessorList(processors),
+            do_sample=False, temperature=None, top_p=None, top_k=None, max_new_tokens=max_new_tokens,
+            eos_token_id=ends, pad_token_id=pad_id if pad_id is not None else stop_ids[0],
+            logits_processor=LogitsProcessorList([*processors, *sampler]),
             stopping_criteria=StoppingCriteriaList([StopOnEvent(stop_event, on_token), *stopping]),
-            num_return_sequences=repeat, return_dict_in_generate=True,
+            return_dict_in_generate=True,
         )
     latency = time.perf_counter() - started
     if stop_event.is_set():

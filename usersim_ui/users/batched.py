@@ -16,13 +16,14 @@ Inside a call:
   before any mask;
 * rows **stop** on their own: at a stop token, past their own ``max_words`` (early stop), or
   at their own ``max_new_tokens``;
-* **sampling is per dialogue**: each dialogue's rows have their own temperature, top-p and
-  ``torch.Generator`` seeded with the same seed the single-dialogue path uses, and they are
-  drawn with the same transformers warpers and the same ``torch.multinomial`` call on the
-  same block shape. So a batched turn is the turn ``generate_turn`` would make with that
-  seed, up to float noise from the padded batch (which can, rarely, flip a draw that lands
-  on a boundary). The draw is made in a logits processor that returns a one-hot score, and
-  ``generate()`` runs greedy over it.
+* **sampling is per dialogue, in one call for all rows**: each dialogue's rows have their own
+  temperature, top-p and ``torch.Generator`` seeded with the same seed the single-dialogue
+  path uses, and every row is drawn by the one sampler that path uses too
+  (``inference.sampling``: a top-k prefilter, exact, with a fallback for flat rows). A row's
+  token depends only on its logits, settings and generator, so a batched turn is the turn
+  ``generate_turn`` would make with that seed, up to float noise from the padded batch
+  (which can, rarely, flip a draw that lands on a boundary). The sampler is a logits
+  processor that returns a one-hot score, and ``generate()`` runs greedy over it.
 
 The first call prefills every row in full (the per-dialogue prefix cache is not used here:
 rows have different cached lengths); its KV cache is then kept, cut to the padded prompts
@@ -41,12 +42,9 @@ from typing import Any, Callable, Generator, Sequence
 
 import torch
 from transformers import (
-    LogitsProcessor,
     LogitsProcessorList,
     StoppingCriteria,
     StoppingCriteriaList,
-    TemperatureLogitsWarper,
-    TopPLogitsWarper,
 )
 
 from usersim_ui.core.dialogue import Dialogue, GuardrailSettings, SamplingSettings, Turn
@@ -54,6 +52,7 @@ from usersim_ui.core.errors import GenerationCancelled
 from usersim_ui.inference.generation import FirstLogits, StopOnEvent
 from usersim_ui.inference.masks import RowEndSuppressor, RowFirstTokenFilter
 from usersim_ui.inference.prefix_cache import crop_to
+from usersim_ui.inference.sampling import RowGroup, Sampler
 from usersim_ui.users.local import UserSimulator
 from usersim_ui.users.turn import Draw, Drawn, TurnPlan, assemble
 
@@ -66,7 +65,6 @@ class Group:
     rows: int
     seed: int
     start: int = 0  # first row in the batch
-    generator: Any = None
 
 
 @dataclass
@@ -80,31 +78,13 @@ class BatchResult:
     cache: "PromptCache | None" = None
 
 
-class GroupSampler(LogitsProcessor):
-    """Draws each dialogue's next tokens with its own settings and generator; returns scores
-    that are 0 at the drawn token and -inf elsewhere, so that greedy search takes it."""
+class GroupSampler(Sampler):
+    """Each dialogue's rows drawn with its own settings and a generator seeded with its draw's
+    seed: what ``generation.sample`` does for that dialogue alone, in one call for all rows."""
 
-    def __init__(self, groups: Sequence[Group]):
-        self.groups = groups
-        self.warpers = []
-        for g in groups:
-            s = g.plan.sampling
-            self.warpers.append(None if s.temperature <= 0 else
-                                LogitsProcessorList([TemperatureLogitsWarper(s.temperature), TopPLogitsWarper(s.top_p)]))
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        chosen = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
-        for g, warpers in zip(self.groups, self.warpers):
-            rows = slice(g.start, g.start + g.rows)
-            if warpers is None:
-                chosen[rows] = scores[rows].argmax(dim=-1)
-            else:
-                block = warpers(input_ids[rows], scores[rows])
-                probs = torch.softmax(block, dim=-1)
-                chosen[rows] = torch.multinomial(probs, num_samples=1, generator=g.generator).squeeze(1)
-        out = torch.full_like(scores, -float("inf"))
-        out.scatter_(1, chosen[:, None], 0.0)
-        return out
+    def __init__(self, groups: Sequence[Group], device: Any):
+        super().__init__([RowGroup.seeded(g.start, g.rows, g.plan.sampling.temperature, g.plan.sampling.top_p,
+                                          g.seed, device) for g in groups])
 
 
 class RowStops(StoppingCriteria):
@@ -153,8 +133,6 @@ def batched_sample(simulator: UserSimulator, groups: list[Group], stop_event: th
     banned, masked, max_words, max_new = [], [], [], []
     for g in groups:
         g.start = len(rows)
-        g.generator = torch.Generator(device=device)
-        g.generator.manual_seed(g.seed)
         guard = g.plan.guardrails
         for _ in range(g.rows):
             if g.plan.masked_end:
@@ -170,7 +148,7 @@ def batched_sample(simulator: UserSimulator, groups: list[Group], stop_event: th
     input_ids = torch.tensor([[pad] * (length - len(r)) + r for r in rows], dtype=torch.long, device=device)
     attention = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
     stops = RowStops(simulator.tokenizer, length, max_words, max_new)
-    processors = [RowFirstTokenFilter(banned, length), RowEndSuppressor(marker, masked), GroupSampler(groups)]
+    processors = [RowFirstTokenFilter(banned, length), RowEndSuppressor(marker, masked), GroupSampler(groups, device)]
     started = time.perf_counter()
     with torch.inference_mode(), FirstLogits(model) as first:
         out = model.generate(
