@@ -8,7 +8,14 @@ only on runs that overlapped the assistant's death and that name the endpoint, R
 within 15% of RSS after warm-up. Reported: the p50/p95 wait of a queued run for the model
 (``usersim_ui.app.handlers.RUNS.waits_s``).
 
+Each session is its own visitor (its own X-Forwarded-For address, which uvicorn trusts from
+loopback). With ``--hostile N`` one more visitor opens N sessions whose runs wait on endpoints
+that trickle one byte a second or stay silent, pressing Stop after 1-3 s, again and again:
+then also checked that no normal session's run was refused or failed for it, that the hostile
+visitor never held more than its cap of runs, and that each Stop ended its run within a second.
+
     python -m benchmarks.soak --sessions 8 --duration 300
+    python -m benchmarks.soak --sessions 8 --hostile 6 --duration 300
 """
 
 from __future__ import annotations
@@ -149,25 +156,87 @@ def export_of(client: Any) -> dict | None:
         raise
 
 
+def visitor_address(index: int) -> str:
+    """Each soak session is its own visitor (RunControl caps runs per client address)."""
+    return f"10.77.{index // 250}.{index % 250 + 1}"
+
+
 def session_loop(index: int, url: str, assistant_url: str, deadline: float, log: SessionLog) -> None:
     import gradio_client
+    from gradio_client.exceptions import AppError
 
-    client = gradio_client.Client(url, verbose=False)
+    client = gradio_client.Client(url, verbose=False, headers={"X-Forwarded-For": visitor_address(index)})
     values = {**SETTINGS, **BACKEND, "base_url": assistant_url, "seed": index}
     settings, backend = [values[k] for k in SETTINGS], [values[k] for k in BACKEND]
     while time.monotonic() < deadline:
         started = time.monotonic()
         try:
-            out = client.predict(log.intent, *settings, *backend, api_name="/auto_run")
+            try:
+                out = client.predict(log.intent, *settings, *backend, api_name="/auto_run")
+            except AppError as exc:  # a refusal reaches an API caller as an error with its reason
+                log.runs.append(RunRecord(index, started, time.monotonic(), str(exc), [], export_of(client), True))
+                time.sleep(0.5)
+                continue
             ended = time.monotonic()
-            refused = all(isinstance(o, dict) and o.get("__type__") == "update" for o in out)
-            chat, banner = (out[0], out[1]) if not refused else ([], "")
-            log.runs.append(RunRecord(index, started, ended, banner or "", bubbles(chat or []), export_of(client),
-                                      refused))
+            chat, banner = out[0], out[1]
+            log.runs.append(RunRecord(index, started, ended, banner or "", bubbles(chat or []), export_of(client)))
             client.predict(log.intent, api_name="/reset")  # a fresh dialogue for the next run
         except Exception as exc:  # noqa: BLE001 - recorded and asserted on
             log.errors.append(f"{type(exc).__name__}: {exc}")
             time.sleep(0.5)
+
+
+# ---- a hostile visitor ---------------------------------------------------------------------
+
+HOSTILE_ADDRESS = "203.0.113.66"
+
+
+@dataclass
+class HostileLog:
+    stops_s: list[float] = field(default_factory=list)  # Stop pressed -> its run's reply received
+    refused: int = 0  # runs refused (the visitor's cap)
+    runs: int = 0
+    errors: list[str] = field(default_factory=list)
+    most_in_flight: int = 0  # the visitor's runs in flight, sampled
+
+
+def hostile_loop(index: int, url: str, endpoint_url: str, deadline: float, log: HostileLog, seed: int) -> None:
+    """One of the hostile visitor's sessions: a run that waits on ``endpoint_url`` (a byte a
+    second, or silence), Stop after 1-3 s, and again."""
+    import random
+    import tempfile
+
+    import gradio_client
+    from gradio_client.exceptions import AppError
+
+    rng = random.Random(seed)
+    client = gradio_client.Client(url, verbose=False, headers={"X-Forwarded-For": HOSTILE_ADDRESS})
+    start = Path(tempfile.mkdtemp()) / "start.jsonl"
+    start.write_text(json.dumps({"intent": "You want a slow answer.",
+                                 "messages": [{"role": "user", "content": "Tell me something, slowly."}]}))
+    client.predict(gradio_client.handle_file(str(start)), api_name="/import_jsonl")
+    values = {**SETTINGS, **BACKEND, "base_url": endpoint_url, "model_name": "hostile"}
+    settings, backend = [values[k] for k in SETTINGS], [values[k] for k in BACKEND]
+    while time.monotonic() < deadline:
+        job = client.submit("You want a slow answer.", *settings, *backend, api_name="/next_assistant_turn")
+        time.sleep(rng.uniform(1.0, 3.0))
+        log.runs += 1
+        if job.done():  # refused at once (the visitor's cap) or failed
+            try:
+                job.result()
+            except AppError as exc:
+                if "one visitor" in str(exc):
+                    log.refused += 1
+                else:
+                    log.errors.append(str(exc))
+            continue
+        stopped = time.monotonic()
+        client.predict(api_name="/stop")
+        try:
+            job.result(timeout=30)
+            log.stops_s.append(time.monotonic() - stopped)
+        except Exception as exc:  # noqa: BLE001 - recorded and asserted on
+            log.errors.append(f"{type(exc).__name__}: {exc}")
 
 
 # ---- the soak ------------------------------------------------------------------------------
@@ -178,22 +247,30 @@ def rss_mb() -> float:
 
 
 def run_soak(sessions: int = 8, duration_s: float = 300.0, kill_at: float = 0.4, down_s: float = 5.0,
-             warmup_s: float | None = None) -> dict[str, Any]:
-    """Run the soak and return its report (see :func:`check`)."""
+             warmup_s: float | None = None, hostile: int = 0) -> dict[str, Any]:
+    """Run the soak and return its report (see :func:`check`); ``hostile``: sessions of one
+    hostile visitor whose runs wait on a trickling or a silent endpoint."""
     from usersim_ui.app import handlers as events
     from usersim_ui.app.studio import build_app
     from usersim_ui.app.zerogpu import simulator
 
+    sys.path.insert(0, str(ROOT / "tests"))
+    from hostile_endpoint import HostileEndpoint
+
     simulator()  # load the offline models before the clock starts
     assistant = Assistant(free_port())
     assistant.start()
-    demo = build_app().queue(default_concurrency_limit=sessions + 2)
+    bad = [HostileEndpoint("bytes"), HostileEndpoint("silent")] if hostile else []
+    demo = build_app().queue(default_concurrency_limit=sessions + hostile + 2)
     _app, url, _share = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
     logs = [SessionLog(f"You want to {TOPICS[i % len(TOPICS)]} (session {i}).") for i in range(sessions)]
+    hostile_log = HostileLog()
     begin = time.monotonic()
     deadline = begin + duration_s
     threads = [threading.Thread(target=session_loop, args=(i, url, assistant.url, deadline, logs[i]), daemon=True)
                for i in range(sessions)]
+    threads += [threading.Thread(target=hostile_loop, daemon=True,
+                                 args=(i, url, bad[i % 2].url, deadline, hostile_log, i)) for i in range(hostile)]
     waits_before = len(events.RUNS.waits_s)
     rss: dict[str, float] = {"start": rss_mb()}
     series: list[tuple[float, int, int]] = []  # (s since start, RSS MB, live threads)
@@ -212,6 +289,10 @@ def run_soak(sessions: int = 8, duration_s: float = 300.0, kill_at: float = 0.4,
             if "warm" not in rss and (now >= latest_warm or (warmup_s is None and all(log.runs for log in logs))):
                 rss["warm"] = rss_mb()
                 rss["warm_at_s"] = now - begin
+            if hostile:
+                with events.RUNS._lock:  # the hostile visitor's runs in flight right now
+                    mine = sum(r.visitor == HOSTILE_ADDRESS for r in events.RUNS._runs.values())
+                hostile_log.most_in_flight = max(hostile_log.most_in_flight, mine)
             if not killed and now >= begin + duration_s * kill_at:
                 assistant.kill()
                 killed = True
@@ -224,6 +305,8 @@ def run_soak(sessions: int = 8, duration_s: float = 300.0, kill_at: float = 0.4,
         series.append((round(time.monotonic() - begin, 1), round(rss["end"]), threading.active_count()))
     finally:
         assistant.stop()
+        for endpoint in bad:
+            endpoint.close()
         demo.close()
     waits = list(events.RUNS.waits_s)[waits_before:]
     q = statistics.quantiles(waits, n=20) if len(waits) >= 2 else [0.0] * 19
@@ -231,7 +314,8 @@ def run_soak(sessions: int = 8, duration_s: float = 300.0, kill_at: float = 0.4,
             "rss_series": series,
             "waits": len(waits), "wait_p50_s": statistics.median(waits) if waits else 0.0, "wait_p95_s": q[18],
             "runs": sum(len(log.runs) for log in logs),
-            "turns": sum(len(r.exported["messages"]) for log in logs for r in log.runs if r.exported)}
+            "turns": sum(len(r.exported["messages"]) for log in logs for r in log.runs if r.exported),
+            "hostile": hostile_log if hostile else None, "per_visitor": events.RUNS.per_visitor}
 
 
 def check(report: dict[str, Any], grace_s: float = 2.0) -> list[str]:
@@ -264,6 +348,20 @@ def check(report: dict[str, Any], grace_s: float = 2.0) -> list[str]:
                 overlaps = any(run.started <= back + grace_s and run.ended >= dead for dead, back in down)
                 if "loopback @" not in run.banner or not overlaps:
                     problems.append(f"{where}: an error that is not the dead endpoint's: {run.banner[:200]!r}")
+    bad: HostileLog | None = report.get("hostile")
+    if bad is not None:
+        problems += [f"hostile visitor: {e}" for e in bad.errors]
+        slow = [s for s in bad.stops_s if s > 1.0]
+        if slow:
+            problems.append(f"hostile visitor: {len(slow)} of {len(bad.stops_s)} Stops took over 1 s "
+                            f"(slowest {max(slow):.2f} s)")
+        if bad.most_in_flight > report["per_visitor"] > 0:
+            problems.append(f"hostile visitor held {bad.most_in_flight} runs at once (cap {report['per_visitor']})")
+        if not bad.stops_s:
+            problems.append("hostile visitor: no run was stopped (the soak did not exercise it)")
+    for log in report["logs"]:
+        if not any(not r.refused for r in log.runs):
+            problems.append(f"session '{log.intent}' was never served")
     rss = report["rss_mb"]
     if "warm" in rss and rss["end"] > rss["warm"] * 1.15:
         problems.append(f"RSS grew from {rss['warm']:.0f} MB after warm-up to {rss['end']:.0f} MB (> 15%)")
@@ -279,7 +377,19 @@ def summary(report: dict[str, Any]) -> str:
             f"RSS {rss.get('start', 0):.0f} MB at start, {rss.get('warm', float('nan')):.0f} MB after warm-up "
             f"(at {rss.get('warm_at_s', float('nan')):.0f} s), "
             f"{rss['end']:.0f} MB at the end; wait for the model over {report['waits']} queued turns: "
-            f"p50 {report['wait_p50_s']:.2f} s, p95 {report['wait_p95_s']:.2f} s")
+            f"p50 {report['wait_p50_s']:.2f} s, p95 {report['wait_p95_s']:.2f} s" + hostile_summary(report))
+
+
+def hostile_summary(report: dict[str, Any]) -> str:
+    bad: HostileLog | None = report.get("hostile")
+    if bad is None:
+        return ""
+    stops = sorted(bad.stops_s)
+    p95 = statistics.quantiles(stops, n=20)[18] if len(stops) >= 2 else (stops[0] if stops else float("nan"))
+    return (f"; hostile visitor: {bad.runs} runs on a trickling or silent endpoint, {len(stops)} stopped "
+            f"(Stop to reply p50 {statistics.median(stops) if stops else float('nan'):.2f} s, p95 {p95:.2f} s, "
+            f"max {max(stops) if stops else float('nan'):.2f} s), {bad.refused} refused by the visitor cap, "
+            f"at most {bad.most_in_flight} in flight (cap {report['per_visitor']})")
 
 
 def main() -> None:
@@ -287,6 +397,8 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--duration", type=float, default=300.0)
     parser.add_argument("--down", type=float, default=5.0, help="seconds the assistant stays dead")
+    parser.add_argument("--hostile", type=int, default=0,
+                        help="sessions of one hostile visitor on a trickling or silent endpoint, stopping each run")
     parser.add_argument("--malloc", choices=["limited", "glibc"], default="limited",
                         help="limited: usersim_ui.inference.memory's settings, as app.py applies them; glibc: its defaults")
     parser.add_argument("--serve-assistant", type=int, default=None, help=argparse.SUPPRESS)
@@ -302,7 +414,7 @@ def main() -> None:
         print(f"malloc: {limit_malloc_growth() or 'left as the environment set it'} (as app.py does)")
     else:
         print("malloc: glibc's defaults")
-    report = run_soak(args.sessions, args.duration, down_s=args.down)
+    report = run_soak(args.sessions, args.duration, down_s=args.down, hostile=args.hostile)
     print(summary(report))
     print("RSS series (s, MB, threads): " + " ".join(f"{t:.0f}:{mb}:{n}" for t, mb, n in report["rss_series"]))
     problems = check(report)

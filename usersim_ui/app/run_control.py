@@ -267,8 +267,9 @@ class RunControl:
             return None
         return run.outcome
 
-    def apply_after_runs(self, session: str, fallback: Dialogue | None, transition: Callable[[Dialogue | None], Dialogue],
-                         timeout_s: float = 10.0, on_run: Transition | None = None) -> Dialogue:
+    def apply_after_runs(self, session: str, fallback: Dialogue | None,
+                         transition: Callable[[Dialogue | None], Dialogue], timeout_s: float = 10.0,
+                         on_run: Transition | None = None) -> Dialogue:
         """End and Reset: stop any run and make ``on_run`` (default ``transition``) its last
         word, or apply ``transition`` to the session's dialogue when no run takes it; the
         result is committed either way."""
