@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Iterable, Literal
 
 from usersim_ui.core.guardrails import (
+    ACTED_THRESHOLD,
     GUARDRAIL_ACTIONS,
     GUARDRAIL_NAMES,
     GuardrailSettings,
@@ -41,6 +42,16 @@ class GuardrailEvent:
     detail: str
     count: int = 1
     probability_removed: float | None = None
+
+    @property
+    def acted(self) -> bool:
+        """Whether the guardrail changed the turn: the one definition that badges, charts, summaries
+        and batch reports all count. A resample, a give-up or a trim did; a mask did when it removed
+        at least ``ACTED_THRESHOLD`` of the first token's probability (a masked end of P 1e-4
+        changed nothing a reader could see)."""
+        if self.action != "masked":
+            return True
+        return self.probability_removed is not None and self.probability_removed >= ACTED_THRESHOLD
 
     def badge(self) -> str:
         """Short text for a badge line under the turn."""

@@ -30,7 +30,6 @@ from usersim_ui.core.dialogue import (
 )
 from usersim_ui.core.errors import ContextTooLong
 from usersim_ui.core.guardrails import (
-    ACTED_THRESHOLD,
     GuardrailSettings,
     count_words,
     end_is_masked,
@@ -206,19 +205,20 @@ class TurnRules:
         return Candidate(text, ends, tokens, reason, truncated=(cut or cut_at_words) and not ends)
 
     def first_step_events(self, plan: TurnPlan, first: FirstStep) -> list[GuardrailEvent]:
-        """What the logit masks removed from the first step's distribution, where it was worth saying."""
+        """What the logit masks removed from the first step's distribution, where it acted
+        (``GuardrailEvent.acted``: the one threshold every view counts by)."""
         events = []
         if plan.banned:
             known = {t: p for t, p in first.banned_probs.items() if t in set(plan.banned) and math.isfinite(p)}
             mass = sum(known.values())
-            if mass >= ACTED_THRESHOLD:
+            if known:
                 top = max(known, key=known.__getitem__)
                 word = self.tokenizer.decode([top]).strip()
                 events.append(GuardrailEvent("first_token", "masked", f"'{word}' (p={mass:.2f})", probability_removed=mass))
-        if plan.masked_end and first.p_end >= ACTED_THRESHOLD:
+        if plan.masked_end:
             events.append(GuardrailEvent("no_early_ending", "masked", f"end (p={first.p_end:.2f})",
                                          probability_removed=first.p_end))
-        return events
+        return [e for e in events if e.acted]
 
     def finish(self, plan: TurnPlan, candidates: Sequence[Candidate], first: FirstStep, latency: float,
                model_id: str) -> Turn:
