@@ -62,10 +62,11 @@ class NaiveUser:
 
     def turn(self, dialogue: Dialogue, sampling: SamplingSettings, seed: int) -> tuple[Turn, int]:
         messages = [{"role": "system", "content": dialogue.intent}] + dialogue.messages()
-        enc = self.tok.apply_chat_template(messages, return_tensors="pt", add_generation_prompt=True, return_dict=True)
+        enc = self.tok.apply_chat_template(messages, return_tensors="pt", add_generation_prompt=True,
+                                           return_dict=True).to(self.model.device)
         input_ids = enc["input_ids"]
         with torch.inference_mode():  # p_end: one more pass over the whole prompt and the leading newline
-            probe = torch.cat([input_ids, torch.tensor([self.newline])], dim=1)
+            probe = torch.cat([input_ids, torch.tensor([self.newline], device=input_ids.device)], dim=1)
             p_end = torch.softmax(self.model(input_ids=probe).logits[0, -1].float(), -1)[END_CONVERSATION_ID].item()
         earlier = [t.text for t in dialogue.turns if t.role == "user"]
         samples, text, ends = 0, "", False
@@ -93,23 +94,18 @@ class NaiveUser:
         return rejection_reason(text, earlier, intent, self.g) is None
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--dialogues", type=int, default=3)
-    parser.add_argument("--turns", type=int, default=10, help="user turns per dialogue")
-    add_model_arguments(parser)
-    args = parser.parse_args()
-
-    tok = llama3_userlm_tokenizer()
-    model = userlm_shaped_model(args.hidden, args.layers, eot_bias=args.eot_bias)
+def compare(model, tok, n_dialogues: int, turns: int, max_new_tokens: int) -> tuple[dict, UserSimulator]:
+    """Both loops over the same dialogues and seeds, alternating who goes first each turn:
+    per variant, each user turn's time, prefill tokens, forward passes, samples and peak RSS
+    growth; and ``ours``, whose prefix cache the caller may inspect."""
     counters = count_forwards(model)
     guardrails = GuardrailSettings()
-    settings = RunSettings(guardrails=guardrails, sampling=SamplingSettings(max_new_tokens=args.max_new_tokens, seed=0),
-                           max_turns=args.turns + 1, context_budget=8192)
-    ours = UserSimulator(LoadedModel(model, tok, "userlm-shaped", "cpu"), UserLMFormat(tok),
+    settings = RunSettings(guardrails=guardrails, sampling=SamplingSettings(max_new_tokens=max_new_tokens, seed=0),
+                           max_turns=turns + 1, context_budget=8192)
+    ours = UserSimulator(LoadedModel(model, tok, "userlm-shaped", str(model.device)), UserLMFormat(tok),
                          prefix_cache=PrefixCache(max_dialogues=64, max_tokens=10**6))
     naive = NaiveUser(model, tok, guardrails)
-    assistant = ScriptedAssistant(replies(args.turns))
+    assistant = ScriptedAssistant(replies(turns))
 
     warm = Dialogue(intent="You want to warm up.", id="warm-up")  # first calls allocate: not measured
     naive.turn(warm, settings.sampling, 0)
@@ -118,9 +114,9 @@ def main() -> None:
     counters.reset()
     stats = {name: {"time": [], "prefill": [], "forwards": [], "samples": [], "rss": [], "prefill_at": {}}
              for name in ("naive", "ours")}
-    for d in range(args.dialogues):
+    for d in range(n_dialogues):
         dialogues = {name: Dialogue(intent=INTENTS[d % len(INTENTS)], id=f"bench-{d}") for name in stats}
-        for t in range(args.turns):
+        for t in range(turns):
             for name in ("naive", "ours") if t % 2 == 0 else ("ours", "naive"):  # alternate who goes first
                 dialogue = dialogues[name]
                 seed = turn_seed(settings.sampling.seed, len(dialogue.turns))
@@ -141,25 +137,41 @@ def main() -> None:
                 s["prefill_at"].setdefault(t + 1, []).append(prefill)
                 dialogue = dialogue.with_turn(turn)
                 dialogues[name] = assistant_turn(dialogue, assistant, settings)
+    return stats, ours
 
+
+def summary_rows(stats: dict, turns: int) -> list[tuple[str, float, float, str]]:
+    """(metric, naive, ours, number format) for the table."""
+    mean = lambda xs: statistics.mean(xs)  # noqa: E731
+    return [
+        ("time per user turn (s)", mean(stats["naive"]["time"]), mean(stats["ours"]["time"]), "{:.3f}"),
+        ("prefill tokens per turn (mean)", mean(stats["naive"]["prefill"]), mean(stats["ours"]["prefill"]), "{:.0f}"),
+        (f"prefill tokens at turn {turns}", mean(stats["naive"]["prefill_at"][turns]),
+         mean(stats["ours"]["prefill_at"][turns]), "{:.0f}"),
+        ("forward passes per turn", mean(stats["naive"]["forwards"]), mean(stats["ours"]["forwards"]), "{:.1f}"),
+        ("samples per accepted turn", mean(stats["naive"]["samples"]), mean(stats["ours"]["samples"]), "{:.2f}"),
+        ("peak RSS growth during a turn (MB)", max(stats["naive"]["rss"]) / 2**20, max(stats["ours"]["rss"]) / 2**20,
+         "{:.1f}"),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dialogues", type=int, default=3)
+    parser.add_argument("--turns", type=int, default=10, help="user turns per dialogue")
+    add_model_arguments(parser)
+    args = parser.parse_args()
+
+    tok = llama3_userlm_tokenizer()
+    model = userlm_shaped_model(args.hidden, args.layers, eot_bias=args.eot_bias)
+    stats, ours = compare(model, tok, args.dialogues, args.turns, args.max_new_tokens)
     held = sum(kv_bytes(ours.prefix_cache.peek(f"bench-{d}").cache) for d in range(args.dialogues)
                if ours.prefix_cache.peek(f"bench-{d}") is not None)
     print(f"machine: {machine()}; model: random Llama, hidden {args.hidden}, {args.layers} layers, vocab 128,257, "
           f"fp32, eot bias {args.eot_bias}, real Llama-3 tokenizer + UserLM template; {args.dialogues} dialogues x {args.turns} user turns, "
           f"scripted assistant ({len(REPLY_WORDS())} words a reply); max_new_tokens={args.max_new_tokens}; "
           "guardrails at the paper's defaults")
-    mean = lambda xs: statistics.mean(xs)  # noqa: E731
-    last = args.turns
-    rows = [
-        ("time per user turn (s)", mean(stats["naive"]["time"]), mean(stats["ours"]["time"]), "{:.3f}"),
-        ("prefill tokens per turn (mean)", mean(stats["naive"]["prefill"]), mean(stats["ours"]["prefill"]), "{:.0f}"),
-        (f"prefill tokens at turn {last}", mean(stats["naive"]["prefill_at"][last]),
-         mean(stats["ours"]["prefill_at"][last]), "{:.0f}"),
-        ("forward passes per turn", mean(stats["naive"]["forwards"]), mean(stats["ours"]["forwards"]), "{:.1f}"),
-        ("samples per accepted turn", mean(stats["naive"]["samples"]), mean(stats["ours"]["samples"]), "{:.2f}"),
-        ("peak RSS growth during a turn (MB)", max(stats["naive"]["rss"]) / 2**20, max(stats["ours"]["rss"]) / 2**20,
-         "{:.1f}"),
-    ]
+    rows = summary_rows(stats, args.turns)
     print("| metric | naive (card) | ours | naive / ours |")
     print("|---|---|---|---|")
     for label, a, b, fmt in rows:

@@ -46,23 +46,29 @@ def replies(n: int) -> list[str]:
 
 
 def userlm_shaped_model(hidden: int = 256, layers: int = 4, seed: int = 0, eot_bias: float = 9.0,
-                        end_bias: float = 6.0) -> LlamaForCausalLM:
+                        end_bias: float = 6.0, *, intermediate: int | None = None, heads: int | None = None,
+                        kv_heads: int | None = None, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> LlamaForCausalLM:
     """Random Llama weights, vocab 128,257 (the real Llama-3 tokenizer + UserLM's end token).
 
     An output bias on ``<|eot_id|>`` makes turns end at random lengths (about 1 in 12 steps) and one on
     ``<|endconversation|>`` gives p_end around 0.5%: so that the length guardrail both accepts and
     rejects, as it does with a real model. The text is noise; only ids, counts and times are measured.
+    ``intermediate``, ``heads``, ``kv_heads`` (default: 4x hidden, hidden/64, hidden/128) give
+    other shapes (Llama-3.1-8B's: 14336, 32, 8); the weights are made on ``device`` in ``dtype``.
     """
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=END_CONVERSATION_ID + 1, hidden_size=hidden, intermediate_size=hidden * 4,
-        num_hidden_layers=layers, num_attention_heads=max(4, hidden // 64), num_key_value_heads=max(2, hidden // 128),
+        vocab_size=END_CONVERSATION_ID + 1, hidden_size=hidden, intermediate_size=intermediate or hidden * 4,
+        num_hidden_layers=layers, num_attention_heads=heads or max(4, hidden // 64),
+        num_key_value_heads=kv_heads or max(2, hidden // 128),
         max_position_embeddings=8192, bos_token_id=128000, eos_token_id=[128001, EOT_ID], pad_token_id=128001,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config).eval()
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
+        head = torch.nn.Linear(hidden, config.vocab_size, bias=True, dtype=dtype)
     model.generation_config.pad_token_id = 128001
-    head = torch.nn.Linear(hidden, config.vocab_size, bias=True)
     with torch.no_grad():
         head.weight.copy_(model.lm_head.weight)
         head.bias.zero_()
