@@ -32,6 +32,7 @@ from __future__ import annotations
 import html
 import itertools
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
@@ -395,6 +396,31 @@ def figures(arms: Mapping[str, Sequence[Dialogue]], table: pd.DataFrame | None =
     table = metrics_table(arms) if table is None else table
     return {"survival": survival_figure(arms), "p_end": p_end_figure(arms), "guardrails": guardrail_figure(arms),
             "comparison": comparison_figure(table)}
+
+
+# ---- CSV ----------------------------------------------------------------------------------
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def spreadsheet_safe(value: object) -> object:
+    """A text cell that a spreadsheet would run as a formula (``=HYPERLINK(...)``, ``@SUM(...)``,
+    ``-2+3``), with a single quote in front (OWASP's advice): shown as the text it is, run as
+    nothing. Numbers, and text that is just a number, stay as they are: no spreadsheet runs them."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS) and not _PLAIN_NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
+def write_csv(table: pd.DataFrame, path: object) -> None:
+    """``table`` as CSV with every text cell :func:`spreadsheet_safe` (intents, first turns and ids
+    come from whoever wrote the intents file, or from a model)."""
+    safe = table.copy()
+    for column in safe.columns:
+        if pd.api.types.is_object_dtype(safe[column]) or pd.api.types.is_string_dtype(safe[column]):
+            safe[column] = safe[column].map(spreadsheet_safe)
+    safe.to_csv(path, index=False)
 
 
 # ---- report -------------------------------------------------------------------------------

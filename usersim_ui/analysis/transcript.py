@@ -8,6 +8,7 @@ from usersim_ui.analysis.metrics import (
     rejected_words,
     summary,
 )
+from usersim_ui.analysis.safe_text import literal_line, literal_markdown
 from usersim_ui.core.dialogue import Dialogue, Turn
 
 __all__ = ["ENDED_BY_TEXT", "badge_line", "end_line", "format_probability", "summary_text", "to_markdown"]
@@ -20,7 +21,10 @@ def badge_line(turn: Turn) -> str:
     """One compact line of what is known about a turn: P(end), the accepted turn's size and the
     rejected samples' sizes apart, latency, guardrails, authorship.
 
-    ``p_end 2.4e-04 · 12 words / 17 tokens · rejected: 31, 28 words · cut at 25 words · 0.50 s · ...``"""
+    ``p_end 2.4e-04 · 12 words / 17 tokens · rejected: 31, 28 words · cut at 25 words · 0.50 s · ...``
+
+    Returned as inert Markdown (``literal_line``): the page renders it (the chat's folded
+    titles, the transcript), and a guardrail's detail may come from an imported file."""
     parts = []
     if turn.p_end is not None:
         parts.append(f"p_end {format_probability(turn.p_end)}")
@@ -36,7 +40,7 @@ def badge_line(turn: Turn) -> str:
         parts.append("typed by researcher")
     if turn.edited:
         parts.append("edited")
-    return " · ".join(parts)
+    return literal_line(" · ".join(parts))
 
 
 def end_line(dialogue: Dialogue) -> str:
@@ -86,11 +90,19 @@ def summary_text(dialogue: Dialogue, running: bool = False) -> str:
     return " · ".join(parts)
 
 
+def _after_label(text: str) -> str:
+    """Text to follow a bold label, shown literally; a code block starts on a line of its own."""
+    shown = literal_markdown(text)
+    return "\n" + shown if shown.startswith("<pre>") else shown
+
+
 def to_markdown(dialogue: Dialogue) -> str:
-    """The raw transcript: intent, every turn with its badge line, and how it ended."""
-    lines = [f"**Intent:** {dialogue.intent}", ""]
+    """The transcript: intent, every turn with its badge line, and how it ended, as Markdown the
+    page renders; every text in it shows as written (no HTML, no image or link)."""
+    lines = [f"**Intent:** {_after_label(dialogue.intent)}", ""]
     for number, turn in enumerate(dialogue.turns, 1):
-        shown = "<|endconversation|>" if turn.ends_dialogue else turn.text
+        # the end token as UserLM writes it: our constant, which no renderer reads as a tag
+        shown = "<|endconversation|>" if turn.ends_dialogue else _after_label(turn.text)
         lines += [f"**{number}. {turn.role}:** {shown}", f"<sub>{badge_line(turn)}</sub>", ""]
     if dialogue.ended_by:
         lines.append(f"_{end_line(dialogue)}_")

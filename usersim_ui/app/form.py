@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from usersim_ui.assistants.registry import KINDS, BackendSpec
+from usersim_ui.app import trust
+from usersim_ui.assistants.registry import BackendSpec
 from usersim_ui.core.dialogue import SamplingSettings
 from usersim_ui.core.guardrails import GuardrailSettings
-from usersim_ui.core.limits import MAX_TURN_CHARS, MAX_TURNS
+from usersim_ui.core.limits import MAX_TURNS
 from usersim_ui.core.seeds import validate_seed
 from usersim_ui.core.transitions import RunSettings
 
@@ -24,20 +25,13 @@ EXTRA_FIELDS = ("banned_words", "any_case")  # sent after the backend's boxes
 BACKEND_FIELDS = ("kind", "system_prompt", "temperature", "max_tokens", "base_url", "model", "api_key")
 
 
-def number_input(value: Any, label: str, low: float, high: float, whole: bool = True) -> float:
-    if value is None or value == "":
-        raise ValueError(f"'{label}' is empty: enter a number.")
-    number = float(value)
-    if whole and not number.is_integer():
-        raise ValueError(f"'{label}' must be a whole number; got {value!r}.")
-    if not low <= number <= high:
-        raise ValueError(f"'{label}' must be between {low:g} and {high:g}; got {value!r}.")
-    return number
+# Every box goes through the trust boundary (app/trust.py): numbers, text, URLs, keys, model ids.
+number_input = trust.number
 
 
 def banned_words_from_text(text: str | None) -> tuple[str, ...]:
     """The first-token filter's word list from its comma-separated box."""
-    words = tuple(w.strip() for w in (text or "").split(",") if w.strip())
+    words = tuple(w.strip() for w in trust.text(text, "Banned first words", 2000).split(",") if w.strip())
     if len(words) > 50 or any(len(w) > 40 for w in words):
         raise ValueError("The first-token word list takes at most 50 words of at most 40 characters.")
     return words
@@ -69,12 +63,9 @@ def settings_from_inputs(temperature: float, top_p: float, max_new_tokens: float
 
 def backend_from_inputs(kind: str, system_prompt: str, temperature: float, max_tokens: float, base_url: str,
                         model: str, api_key: str) -> BackendSpec:
-    if kind not in KINDS or not KINDS[kind].on_page:
-        raise ValueError(f"Unknown assistant backend {kind!r}.")
-    return BackendSpec(kind=kind, system_prompt=(system_prompt or "")[:MAX_TURN_CHARS],
-                       temperature=number_input(temperature, "Assistant temperature", 0, 2, whole=False),
-                       max_tokens=int(number_input(max_tokens, "Assistant max tokens", 1, 4096)),
-                       base_url=(base_url or "").strip(), model=(model or "").strip(), api_key=api_key or "")
+    """The assistant's boxes through the trust boundary: a local model only from the host's list,
+    the host's key only to an endpoint the host trusts (``trust.backend``)."""
+    return trust.backend(kind, system_prompt, temperature, max_tokens, base_url, model, api_key)
 
 
 

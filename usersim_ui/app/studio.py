@@ -138,7 +138,8 @@ def _assistant_panel(assistant_max_tokens: int) -> tuple[list[Any], Any]:
             temperature = gr.Slider(0, 2, 0.7, step=0.05, label="Assistant temperature")
             max_tokens = gr.Slider(8, 1024, assistant_max_tokens, step=8, label="Assistant max tokens")
         model_name = gr.Textbox(label="Assistant model", elem_id="assistant-model",
-                                placeholder="local: hub id or path (empty: offline SmolLM2); endpoint: served model name")
+                                placeholder="local: empty for the offline SmolLM2, or a model the host allows; "
+                                            "endpoint: served model name")
         with gr.Group(visible=False) as openai_box:
             base_url = gr.Textbox(label="Base URL", placeholder="http://localhost:8000/v1")
             api_key = gr.Textbox(label="API key (kept in this browser session, never exported)", type="password")
@@ -193,7 +194,9 @@ def _export_panel() -> tuple[Any, Any, Any, Any]:
     with gr.Accordion("Transcript", open=False):
         transcript_view = gr.Markdown(elem_id="transcript-view")
         with gr.Accordion("Raw Markdown", open=False):
-            transcript = gr.Textbox(label="Transcript (Markdown)", lines=6, buttons=["copy"], elem_id="transcript")
+            # not editable: the view above renders it, so it must be what the handlers wrote (escaped)
+            transcript = gr.Textbox(label="Transcript (Markdown)", lines=6, buttons=["copy"], elem_id="transcript",
+                                    interactive=False)
     transcript.change(lambda text: text, [transcript], [transcript_view], api_name=False, queue=False)
     return export_button, export_file, import_file, transcript
 

@@ -8,6 +8,8 @@ the ZeroGPU path all read this table.
 from __future__ import annotations
 
 import functools
+import logging
+import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -22,6 +24,8 @@ from usersim_ui.inference.model_loading import (
     load_chat_model,
     offline_chat_model,
 )
+
+log = logging.getLogger(__name__)
 
 SCRIPTED_REPLIES = (
     "Sure, I can help with that. Could you tell me a bit more about what you need?",
@@ -45,6 +49,10 @@ class BackendSpec:
     seed: int = 0
 
 
+LOAD_FAILURE_MEMORY_S = 600.0  # a model that failed to load is not tried again for this long
+_load_failures: dict[str, tuple[float, str]] = {}
+
+
 @functools.lru_cache(maxsize=2)
 def local_chat_model(model_id: str) -> LoadedModel:
     """A transformers chat model by hub id or path, kept in memory once loaded."""
@@ -52,11 +60,21 @@ def local_chat_model(model_id: str) -> LoadedModel:
 
 
 def _local(spec: BackendSpec) -> AssistantBackend:
+    """Which ids reach here is decided before (the page's trust boundary allows only the host's list;
+    the CLIs are run by the host). A load that fails says so without the id or path: the message
+    reaches the page, the details go to the host's log. The failure is remembered for a while, so
+    that a broken model does not hold the shared model slot for a load attempt on every turn."""
     model_id = spec.model.strip()
+    failed = _load_failures.get(model_id)
+    if failed is not None and time.monotonic() - failed[0] < LOAD_FAILURE_MEMORY_S:
+        raise BackendError(f"Could not load the local assistant model ({failed[1]}); try again later.")
     try:
         loaded = local_chat_model(model_id) if model_id else offline_chat_model()
-    except OSError as exc:  # no such path, no hub access, not a model folder
-        raise BackendError(f"Could not load the local model {model_id!r} ({type(exc).__name__}).") from exc
+    except Exception as exc:  # noqa: BLE001 - no such path, no hub access, not a model folder, bad JSON...
+        log.warning("local assistant model %r failed to load: %s: %s", model_id, type(exc).__name__, exc)
+        _load_failures[model_id] = (time.monotonic(), type(exc).__name__)
+        raise BackendError(f"Could not load the local assistant model ({type(exc).__name__}); "
+                           "the host's log has the details.") from exc
     return TransformersAssistant(loaded, system_prompt=spec.system_prompt, temperature=spec.temperature,
                                  max_new_tokens=spec.max_tokens, seed=spec.seed)
 

@@ -14,11 +14,14 @@ from typing import Any, Callable
 
 from usersim_ui.batch import runner
 from usersim_ui.batch.runner import (
+    INTENTS_SHAPE,
     Arm,
+    BatchLocked,
     Job,
     Serialised,
-    load_intents,
+    output_lock,
     plan,
+    read_intents,
     read_records,
     run_batch,
     write_reports,
@@ -133,7 +136,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The batch, holding ``--out``'s lock from before the models load until the reports are
+    written: a second run on the same file is refused at once (exit 2, naming the holder), and
+    the lock of a run that was killed is taken over."""
     args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    try:
+        with output_lock(out) as stale:
+            if stale:
+                print(f"took over the lock left by a run that is gone (pid {stale.get('pid', '?')}, started "
+                      f"{stale.get('started', '?')})", file=sys.stderr)
+            return _main(args)
+    except BatchLocked as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
     from usersim_ui.inference.memory import limit_malloc_growth
 
     limit_malloc_growth()  # many threads, one model on the CPU: keep RSS flat (memory.py says why)
@@ -141,7 +160,19 @@ def main(argv: list[str] | None = None) -> int:
     arms = [arm_a]
     if args.assistant_b or args.guardrails_b:
         arms.append(Arm("B", args.assistant_b or args.assistant, parse_guardrails(args.guardrails_b, arm_a.guardrails)))
-    intents = load_intents(args.intents)[: args.max_intents]
+    try:
+        found = read_intents(args.intents)
+    except (OSError, ValueError) as exc:
+        print(f"error: {args.intents}: {exc}", file=sys.stderr)
+        return 2
+    for problem in found.problems:  # listed and skipped: one bad line does not stop the batch
+        print(f"{args.intents}: {problem} (skipped)", file=sys.stderr)
+    if found.problems:
+        print(f"({INTENTS_SHAPE})", file=sys.stderr)
+    intents = found.intents[: args.max_intents]
+    if not intents:
+        print(f"error: {args.intents}: no intent to run", file=sys.stderr)
+        return 2
     jobs = plan(intents, args.samples, arms, args.seed)
     by_name = {a.name: a for a in arms}
     sampling = SamplingSettings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
@@ -185,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     result = run_batch(jobs, simulator_for, backend_for, lambda job: settings[job.arm], out,
                        concurrency=args.concurrency, limit=args.limit, replica_for=replica_for,
-                       show_bar=not args.no_progress)
+                       show_bar=not args.no_progress, lock=False)  # main holds the lock
     print(f"wrote {result.written}, skipped {result.skipped} already done, {result.failed} failed, "
           f"{result.elapsed_s:.1f} s", file=sys.stderr)
     calls = getattr(simulator_for(jobs[0]), "calls", None) if jobs else None

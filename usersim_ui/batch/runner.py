@@ -25,16 +25,20 @@ server's prefix cache warm.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
+import socket
+import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from usersim_ui.core.dialogue import (
     Dialogue,
@@ -43,6 +47,7 @@ from usersim_ui.core.dialogue import (
     dialogue_to_dict,
 )
 from usersim_ui.core.intents import SampleIntent, load_sample_intents
+from usersim_ui.core.limits import MAX_INTENT_CHARS, check_text
 
 # ---- plan ---------------------------------------------------------------------------------
 
@@ -81,52 +86,278 @@ def plan(intents: Sequence[SampleIntent], samples: int, arms: Sequence[Arm], bas
             for i in intents for s in range(samples) for a in arms]
 
 
-def load_intents(source: str) -> list[SampleIntent]:
+INTENT_SUFFIXES = (".jsonl", ".txt")
+_INTENT_ID = re.compile(r"\w[\w .:+-]{0,99}")  # in keys (id/sample/arm), file names and reports
+INTENTS_SHAPE = ('a .jsonl intents file holds one JSON object a line, like {"intent": "You want ...", "id": "trip"} '
+                 "(a .txt file: one intent a line)")
+
+
+@dataclass(frozen=True)
+class IntentFile:
+    """The intents a file holds that can run, and why each other line cannot ("line 3: ...")."""
+
+    intents: list[SampleIntent]
+    problems: list[str]
+
+
+def _intent_from_line(line: str, lineno: int, jsonl: bool) -> SampleIntent:
+    """One line as an intent, or a ValueError saying what is wrong with it (never echoing it)."""
+    if not jsonl:
+        data: Any = {"intent": line}
+    else:
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not JSON ({exc.msg} at column {exc.colno})") from None
+        data = {"intent": data} if isinstance(data, str) else data
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+    intent = data.get("intent")
+    if not isinstance(intent, str):
+        raise ValueError("no 'intent' text")
+    intent = intent.strip()
+    if not intent:
+        raise ValueError("the intent is empty")
+    check_text(intent, "the intent", MAX_INTENT_CHARS)
+    raw_id = data.get("id")
+    if raw_id is None or raw_id == "":
+        raw_id = f"line{lineno}"
+    if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
+        raise ValueError("'id' must be text or a whole number")
+    iid = str(raw_id).strip()
+    if not _INTENT_ID.fullmatch(iid):
+        raise ValueError("'id' may hold letters, digits, spaces and . _ : + - (at most 100 characters, "
+                         "starting with a letter or digit)")
+    title, category = data.get("title"), data.get("category")
+    return SampleIntent(id=iid, title=title if isinstance(title, str) else (iid if jsonl else f"line {lineno}"),
+                        category=category if isinstance(category, str) else "", intent=intent)
+
+
+def read_intents(source: str) -> IntentFile:
     """``sample`` (the app's sample intents), a JSONL file (``intent`` and optional ``id``), or a
-    text file with one intent per line."""
+    text file with one intent per line, every intent checked up front: text within the intent
+    limit and a usable id, unique. A bad line is listed and skipped, so that it can neither stop
+    the batch at its dialogue (on every rerun) nor hide the others. A file that cannot be read as
+    a whole raises ValueError (or OSError); no message repeats the file's path or its text, since
+    the Batch tab shows them to whoever uploaded it."""
     if source == "sample":
-        return load_sample_intents()
+        return IntentFile(load_sample_intents(), [])
     path = Path(source)
-    text = path.read_text(encoding="utf-8")
-    out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    if path.suffix.lower() not in INTENT_SUFFIXES:
+        raise ValueError(f"an intents file ends in .jsonl or .txt; {INTENTS_SHAPE}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("the intents file is not UTF-8 text") from None
+    jsonl = path.suffix.lower() == ".jsonl"
+    intents: list[SampleIntent] = []
+    problems: list[str] = []
+    first_line: dict[str, int] = {}
+    # lines end at "\n" only: str.splitlines() would also split inside a JSON string at U+2028
+    for lineno, line in enumerate(text.removeprefix("\ufeff").split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
-        if path.suffix == ".jsonl":
-            data = json.loads(line)
-            intent = data["intent"] if isinstance(data, dict) else str(data)
-            iid = str(data.get("id") or f"line{lineno}") if isinstance(data, dict) else f"line{lineno}"
-            out.append(SampleIntent(id=iid, title=str(data.get("title", iid)), category=str(data.get("category", "")),
-                                    intent=intent))
-        else:
-            out.append(SampleIntent(id=f"line{lineno}", title=f"line {lineno}", category="", intent=line.strip()))
-    ids = [i.id for i in out]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{source}: intent ids must be unique")
-    return out
+        try:
+            item = _intent_from_line(line, lineno, jsonl)
+        except ValueError as exc:
+            problems.append(f"line {lineno}: {exc}")
+            continue
+        if item.id in first_line:
+            problems.append(f"line {lineno}: its id is already used on line {first_line[item.id]}")
+            continue
+        first_line[item.id] = lineno
+        intents.append(item)
+    return IntentFile(intents, problems)
+
+
+def load_intents(source: str) -> list[SampleIntent]:
+    """The intents of :func:`read_intents` that can run (its problems dropped)."""
+    return read_intents(source).intents
 
 
 # ---- the JSONL file -------------------------------------------------------------------------
 
+def quarantine_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".quarantine.jsonl")
+
+
+def errors_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".errors.jsonl")
+
+
+def _check_record(record: Any) -> str:
+    """The record's key, or a ValueError saying why the line is not a finished dialogue."""
+    batch = record.get("batch") if isinstance(record, dict) else None
+    if not isinstance(batch, dict) or not isinstance(batch.get("key"), str):
+        raise ValueError("no batch key")
+    if not (isinstance(batch.get("arm"), str) and isinstance(batch.get("intent_id"), str)
+            and isinstance(batch.get("sample"), int)):
+        raise ValueError("batch record without arm, intent_id and sample")
+    dialogue_from_dict(record)  # raises a RecordError naming the field
+    return batch["key"]
+
+
+def _scan(path: Path) -> tuple[list[tuple[bytes, dict[str, Any]]], list[tuple[int, str, str]]]:
+    """The file's finished records (raw line, parsed), one per key, and its other lines
+    (line number, text, why)."""
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    complete = lines[:-1]  # the part after the last newline is a line cut short (or empty)
+    good: list[tuple[bytes, dict[str, Any]]] = []
+    bad: list[tuple[int, str, str]] = []
+    seen: dict[str, int] = {}
+    for lineno, line in enumerate(complete, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+            key = _check_record(record)
+        except UnicodeDecodeError:
+            bad.append((lineno, line.decode("utf-8", "replace"), "not UTF-8"))
+            continue
+        except ValueError as exc:  # JSONDecodeError and RecordError are ValueErrors
+            reason = f"not a JSON line ({exc.msg})" if isinstance(exc, json.JSONDecodeError) else f"not a record ({exc})"
+            bad.append((lineno, line.decode("utf-8", "replace"), reason))
+            continue
+        if key in seen:
+            bad.append((lineno, line.decode("utf-8", "replace"), f"a second record of {key} (line {seen[key]} kept)"))
+            continue
+        seen[key] = lineno
+        good.append((line, record))
+    if lines[-1].strip():
+        bad.append((len(lines), lines[-1].decode("utf-8", "replace"), "cut short (no line end): the run was stopped while writing it"))
+    return good, bad
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+
+
+def _quarantine(source: Path, out: Path, bad: Sequence[tuple[int, str, str]]) -> None:
+    """Append lines taken out of ``source`` to ``out``'s quarantine file, with where and why."""
+    now = time.strftime("%Y-%m-%d %H:%M:%S")
+    with open(quarantine_path(out), "a", encoding="utf-8") as fh:
+        for lineno, text, reason in bad:
+            fh.write(json.dumps({"file": source.name, "line": lineno, "reason": reason, "at": now, "text": text},
+                                ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def read_records(path: Path, repair: bool = False) -> list[dict[str, Any]]:
-    """The finished records; a last line cut short by a kill is dropped (and cut off with ``repair``)."""
+    """The finished records of a batch file, one per key, in file order.
+
+    A line that is not one (cut short by a kill, torn, not JSON, not a dialogue, a second record
+    of a key written by a second writer) is skipped, never fatal; with ``repair`` (a run, holding
+    the file's lock) it is moved to ``NAME.quarantine.jsonl`` with its line number and the reason,
+    and the file is rewritten without it, atomically, so the next run starts clean and nothing is lost.
+    """
     if not path.exists():
         return []
+    good, bad = _scan(path)
+    if bad and repair:
+        _quarantine(path, path, bad)
+        _write_atomically(path, b"".join(line + b"\n" for line, _ in good))
+    return [record for _, record in good]
+
+
+def _prune_errors(out: Path, succeeded: set[str]) -> None:
+    """Keep ``NAME.errors.jsonl`` to the dialogues that failed and have not finished since: an
+    entry whose key is now in the output goes, and of several failures of one key the last stays.
+    (Lines that are not JSON go to the quarantine file.)"""
+    path = errors_path(out)
+    if not path.exists():
+        return
     raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        keep = raw[: raw.rfind(b"\n") + 1]
-        if repair:
-            with open(path, "r+b") as fh:
-                fh.truncate(len(keep))
-        raw = keep
-    records = []
-    for lineno, line in enumerate(raw.decode("utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not a JSON line ({exc})") from exc
-    return records
+    latest: dict[str, bytes] = {}
+    bad: list[tuple[int, str, str]] = []
+    for lineno, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            batch = json.loads(line.decode("utf-8")).get("batch", {})
+            key = batch["key"]
+        except (ValueError, AttributeError, KeyError, TypeError):
+            bad.append((lineno, line.decode("utf-8", "replace"), "not an error record"))
+            continue
+        latest.pop(key, None)  # re-inserted: file order follows the last failure
+        latest[key] = line
+    kept = b"".join(line + b"\n" for key, line in latest.items() if key not in succeeded)
+    if bad:
+        _quarantine(path, out, bad)
+    if kept != raw:
+        if kept:
+            _write_atomically(path, kept)
+        else:
+            path.unlink()
+
+
+# ---- one writer per output ------------------------------------------------------------------
+
+class BatchLocked(RuntimeError):
+    """Another run is writing this output; a second writer would write every dialogue twice."""
+
+
+def lock_path(out: Path) -> Path:
+    return out.with_name(out.name + ".lock")
+
+
+def _holder(fd: int) -> dict[str, Any]:
+    try:
+        data = json.loads(os.pread(fd, 4096, 0).decode("utf-8") or "{}")
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[dict[str, Any] | None]:
+    """Hold ``NAME.jsonl.lock`` beside the output for as long as the block runs.
+
+    The lock is an ``flock`` on that file, which the kernel drops when its holder dies however it
+    dies, so a lock left by a killed run is simply taken over (the block receives what the dead
+    holder wrote: pid, host, start time); a live holder makes this raise :class:`BatchLocked`
+    naming its pid and start time. The file names its holder for people and is removed on release.
+    """
+    path = lock_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise BatchLocked(
+                f"{out} is being written by another batch run (pid {holder.get('pid', '?')} on "
+                f"{holder.get('host', '?')}, started {holder.get('started', '?')}). Two writers would write every "
+                "dialogue twice: wait for it to finish, or stop it and run again (a stopped run's lock is taken over)."
+            ) from None
+        try:  # the holder we waited for may have removed the file: then lock the new one
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    stale = _holder(fd) or None
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+          "command": " ".join(sys.argv)[:300]}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
+    try:
+        yield stale
+    finally:
+        try:
+            os.unlink(path)  # before unlocking: whoever opened it meanwhile sees the inode change
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def record_key(record: dict[str, Any]) -> str | None:
@@ -178,24 +409,43 @@ def run_batch(jobs: Sequence[Job], simulator_for: Callable[[Job], Any], backend_
               settings_for: Callable[[Job], Any], out: Path, concurrency: int = 1, limit: int | None = None,
               progress: Callable[[int, int, str], None] | None = None, stop_event: threading.Event | None = None,
               replica_for: Callable[[Job], str | None] = lambda job: None, show_bar: bool = False,
-              turn_maker_for: Callable[[Job], Callable[[Dialogue, Any], Dialogue]] | None = None) -> BatchResult:
+              turn_maker_for: Callable[[Job], Callable[[Dialogue, Any], Dialogue]] | None = None,
+              lock: bool = True) -> BatchResult:
     """Run every job whose key is not yet in ``out``; append one line per finished dialogue.
 
     ``limit`` stops after that many new lines (dialogues still running are abandoned, not
     written). ``progress(done, total, key)`` is called after each line. ``turn_maker_for(job)``,
     when given, makes each turn instead of the job's simulator and backend (the app routes
     model turns through its ``@spaces.GPU`` function, so that a batch runs on ZeroGPU too).
+
+    The run holds ``out``'s lock (:func:`output_lock`; a caller that holds it already passes
+    ``lock=False``), so a second run on the same file is refused instead of writing every
+    dialogue again. Lines of ``out`` that are not finished records go to the quarantine file
+    (:func:`read_records`); a job that fails, its intent included, is written to
+    ``NAME.errors.jsonl`` and the batch goes on; an error entry goes once its dialogue finishes.
     """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out) if lock else nullcontext():
+        return _run_batch(jobs, simulator_for, backend_for, settings_for, out, concurrency, limit, progress,
+                          stop_event, replica_for, show_bar, turn_maker_for)
+
+
+def _run_batch(jobs: Sequence[Job], simulator_for: Callable[[Job], Any], backend_for: Callable[[Job], Any],
+               settings_for: Callable[[Job], Any], out: Path, concurrency: int, limit: int | None,
+               progress: Callable[[int, int, str], None] | None, stop_event: threading.Event | None,
+               replica_for: Callable[[Job], str | None], show_bar: bool,
+               turn_maker_for: Callable[[Job], Callable[[Dialogue, Any], Dialogue]] | None) -> BatchResult:
     from usersim_ui.core.transitions import auto_run, new_dialogue, run
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     done = {record_key(r) for r in read_records(out, repair=True)}
+    _prune_errors(out, done)  # entries of earlier runs whose dialogue has finished since
     pending = [j for j in jobs if j.key not in done]
     skipped = len(jobs) - len(pending)
     stop = stop_event or threading.Event()
     write_lock = threading.Lock()
-    errors_path = out.with_name(out.stem + ".errors.jsonl")
+    failures = errors_path(out)
     state = {"written": 0, "failed": 0}
+    finished: set[str] = set()
     bar = None
     if show_bar:
         from tqdm import tqdm
@@ -208,13 +458,14 @@ def run_batch(jobs: Sequence[Job], simulator_for: Callable[[Job], Any], backend_
             return
         simulator, backend, settings = simulator_for(job), backend_for(job), settings_for(job)
         settings = replace(settings, sampling=replace(settings.sampling, seed=job.seed))
-        dialogue = new_dialogue(job.intent, simulator, backend)
-        dialogue = replace(dialogue, id=re.sub(r"[^A-Za-z0-9_.-]+", "-", job.key))
+        dialogue = Dialogue(intent=job.intent, id=re.sub(r"[^A-Za-z0-9_.-]+", "-", job.key))
         t0 = time.perf_counter()
         meta = {"key": job.key, "intent_id": job.intent_id, "sample": job.sample, "arm": job.arm, "seed": job.seed,
                 "replica": replica_for(job), "max_turns": settings.max_turns,
                 "guardrails": asdict(settings.guardrails), "sampling": asdict(settings.sampling)}
         try:
+            # inside the try: an intent the checks missed fails its own dialogue, not the batch
+            dialogue = replace(new_dialogue(job.intent, simulator, backend), id=dialogue.id)
             turns = (auto_run(dialogue, simulator, backend, settings, stop_event=stop) if turn_maker_for is None
                      else run(dialogue, turn_maker_for(job), lambda: settings))
             for dialogue in turns:
@@ -224,7 +475,7 @@ def run_batch(jobs: Sequence[Job], simulator_for: Callable[[Job], Any], backend_
                 return
             with write_lock:
                 state["failed"] += 1
-                with open(errors_path, "a", encoding="utf-8") as fh:
+                with open(failures, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps({**dialogue_to_dict(dialogue), "batch": {**meta, "error": f"{type(exc).__name__}: {exc}"}},
                                         ensure_ascii=False) + "\n")
             return
@@ -238,6 +489,7 @@ def run_batch(jobs: Sequence[Job], simulator_for: Callable[[Job], Any], backend_
                 fh.flush()
                 os.fsync(fh.fileno())
             state["written"] += 1
+            finished.add(job.key)
             if bar is not None:
                 bar.update(1)
             if progress is not None:
@@ -271,6 +523,7 @@ def run_batch(jobs: Sequence[Job], simulator_for: Callable[[Job], Any], backend_
     finally:
         if bar is not None:
             bar.close()
+        _prune_errors(out, done | finished)
     return BatchResult(out, state["written"], skipped, state["failed"], stop.is_set(), time.perf_counter() - started)
 
 
@@ -279,7 +532,7 @@ def run_batch(jobs: Sequence[Job], simulator_for: Callable[[Job], Any], backend_
 def output_paths(out: Path) -> dict[str, Path]:
     stem = out.with_suffix("") if out.suffix == ".jsonl" else out
     return {"jsonl": out, "csv": Path(f"{stem}.csv"), "dialogues_csv": Path(f"{stem}.dialogues.csv"),
-            "html": Path(f"{stem}.html"), "errors": out.with_name(out.stem + ".errors.jsonl")}
+            "html": Path(f"{stem}.html"), "errors": errors_path(out), "quarantine": quarantine_path(out)}
 
 
 def write_reports(out: Path, title: str | None = None, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
@@ -291,14 +544,14 @@ def write_reports(out: Path, title: str | None = None, n_boot: int = 1000, seed:
     table = dist.metrics_table(arms, n_boot=n_boot, seed=seed)
     figs = dist.figures(arms, table)
     paths = output_paths(out)
-    table.to_csv(paths["csv"], index=False)
+    dist.write_csv(table, paths["csv"])
     per = dist.dialogue_table(arms)
     keys = {r["batch"]["key"]: r["batch"] for r in records}
     ids = {dialogue_from_dict(r).id: r["batch"]["key"] for r in records}
     per.insert(0, "key", per["id"].map(ids))
     per.insert(1, "intent_id", per["key"].map(lambda k: keys[k]["intent_id"]))
     per.insert(2, "sample", per["key"].map(lambda k: keys[k]["sample"]))
-    per.to_csv(paths["dialogues_csv"], index=False)
+    dist.write_csv(per, paths["dialogues_csv"])
     notes = [f"{len(records)} dialogues from {out.name}; arms: " + ", ".join(f"{a} ({len(d)})" for a, d in arms.items())]
     for arm, dialogues in arms.items():
         first = next((r["batch"] for r in records if r["batch"]["arm"] == arm), {})
