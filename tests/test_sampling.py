@@ -10,7 +10,14 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from usersim_ui.inference import sampling
-from usersim_ui.inference.sampling import SCALE, RowGroup, draw_tokens, nucleus_draw, shifted
+from usersim_ui.inference.sampling import (
+    SCALE,
+    RowGroup,
+    StepState,
+    draw_tokens,
+    nucleus_draw,
+    shifted,
+)
 
 
 def reference_draw(d: torch.Tensor, top_p: float, u: float) -> int:
@@ -96,10 +103,13 @@ def test_prefilter_and_fallbacks_equal_the_full_sort_draw(temperature, top_p):
     if top_p < 1.0:  # and peaked rows end inside the top-k
         assert exact_in_top_k.any()
     for fallback in ("buckets", "sort"):
-        got = nucleus_draw(d.clone(), thresholds, uniforms, fallback=fallback).tolist()
-        assert got == expected, fallback
-    forced = nucleus_draw(d.clone(), thresholds, uniforms, top_k=2, fallback="buckets").tolist()
-    assert forced == expected  # every row through the bucket fallback
+        got, fell_back = nucleus_draw(d.clone(), thresholds, uniforms, fallback=fallback)
+        assert got.tolist() == expected, fallback
+        assert fell_back.tolist() == (~exact_in_top_k).tolist()
+    skipped, _ = nucleus_draw(d.clone(), thresholds, uniforms, skip_top_k=torch.ones(rows, dtype=torch.bool))
+    assert skipped.tolist() == expected  # every row through the bucket fallback
+    some = torch.arange(rows) % 3 == 0
+    assert nucleus_draw(d.clone(), thresholds, uniforms, skip_top_k=some)[0].tolist() == expected
 
 
 def test_torch_reference_is_the_plain_definition():
@@ -127,9 +137,9 @@ def test_each_group_draws_from_its_own_generator():
             start += rows
         return out
 
-    together, alone = groups(), groups()
+    together, alone, state = groups(), groups(), StepState()
     for step in range(steps):
-        batch = draw_tokens(logits[step], together)
+        batch = draw_tokens(logits[step], together, state=state)  # as Sampler calls it: flat rows skip the top-k
         for g in alone:
             rows = slice(g.start, g.start + g.rows)
             single = draw_tokens(logits[step][rows], [RowGroup(0, g.rows, g.temperature, g.top_p, g.generator)])
