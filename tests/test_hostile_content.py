@@ -179,10 +179,12 @@ HOSTILE = [
 
 def hostile_dialogue(pixel: str = "http://127.0.0.1:9") -> Dialogue:
     texts = [t.replace("http://127.0.0.1:9", pixel) for t in HOSTILE]
-    badge = GuardrailEvent("first_token", "masked", f"<img src={pixel}/badge onerror=alert(2)><b>b</b>")
+    events = (GuardrailEvent("first_token", "masked", f"<img src={pixel}/badge onerror=alert(2)><b>b</b>"),
+              GuardrailEvent("length", "resampled", f"```\n<img src={pixel}/detail>"))  # a fence after "- length: "
+    rejected = (RejectedSample(f"![r]({pixel}/rejected)", "<i>why</i>"),
+                RejectedSample(f"y\n```\n<img src={pixel}/after-reason>\n```", "```\nx\n```"))  # a fence in "(*...*)"
     turns = [Turn(role="user" if i % 2 == 0 else "assistant", text=f"T{i} {text}", author="import",
-                  guardrails=(badge,) if i == 0 else (),
-                  rejected=(RejectedSample(f"![r]({pixel}/rejected)", "<i>why</i>"),) if i == 0 else ())
+                  guardrails=events if i == 0 else (), rejected=rejected if i == 0 else ())
              for i, text in enumerate(texts)]
     return Dialogue(intent="<form><input type=password name=pw></form> You want to " + f"![i]({pixel}/intent)",
                     turns=tuple(turns))

@@ -120,7 +120,10 @@ def literal_markdown(text: str) -> str:
             out += [_escape_line(line), end]
     if body is not None:
         out.append(_block(opener, body, fence))
-    return "".join(out)
+    shown = "".join(out)
+    # a fence on the first line starts on a line of its own, wherever a caller puts the text
+    # ("- detail: ..."): after a prefix marked would not see it, and its text would be raw prose
+    return "\n" + shown if _opens_fence(_LINE_END.split(shown, 1)[0]) else shown
 
 
 def literal_line(text: str) -> str:

@@ -21,7 +21,7 @@ import gradio as gr
 
 from usersim_ui.analysis.charts import lengths_figure, p_end_figure
 from usersim_ui.analysis.metrics import turn_table
-from usersim_ui.analysis.safe_text import literal_markdown
+from usersim_ui.analysis.safe_text import literal_line, literal_markdown
 from usersim_ui.analysis.transcript import badge_line, summary_text, to_markdown
 from usersim_ui.app.form import Form
 from usersim_ui.app.run_control import Run, RunControl, RunRefused
@@ -160,7 +160,7 @@ def chat_messages(dialogue: Dialogue) -> list[dict[str, Any]]:
             text = (text + "\n\n" if text else "") + "*⟨ends the conversation: `<|endconversation|>`⟩*"
         messages.append({"role": turn.role, "content": text or "*(empty)*"})
         details = [f"- **{e.guardrail}** {e.action}: {literal_markdown(e.detail)}" for e in turn.guardrails]
-        details += [f"- rejected (*{literal_markdown(r.reason)}*): {literal_markdown(r.text) or '(empty)'}"
+        details += [f"- rejected (*{literal_line(r.reason)}*): {literal_markdown(r.text) or '(empty)'}"
                     for r in turn.rejected]
         if turn.seed is not None:
             details.append(f"- seed `{turn.seed}`")
