@@ -5,8 +5,9 @@ transport, to pin the request shapes and the P(end) method each server gets; (2)
 ``http.server`` on loopback for the failures (timeout, garbage, no choices, a dropped
 connection, nobody listening); (3) llama.cpp's real ``llama-server`` on loopback serving the
 SmolLM2 GGUF, compared with the same model in transformers. (3) skips when the binary is
-missing: llama-cpp-python's own server cannot be used, as it takes string prompts only
-(``prompt: str | list[str]``), not the token ids the core builds.
+missing (``.ci/build_llama_server.sh`` builds it, and CI runs that first); llama-cpp-python's
+own server cannot stand in, as it takes string prompts only (``prompt: str | list[str]``), not
+the token ids the core builds.
 """
 
 from __future__ import annotations
@@ -236,8 +237,8 @@ def llama_server_binary() -> str | None:
 
 needs_server = pytest.mark.skipif(
     llama_server_binary() is None,
-    reason="llama.cpp's llama-server binary not found (set USERSIM_LLAMA_SERVER; build: see "
-           "benchmarks/bench_batch_server.py). llama-cpp-python's server takes string prompts only, not token ids.")
+    reason="llama.cpp's llama-server binary not found (build it: bash .ci/build_llama_server.sh, or set "
+           "USERSIM_LLAMA_SERVER). llama-cpp-python's server takes string prompts only, not token ids.")
 
 
 def free_port() -> int:

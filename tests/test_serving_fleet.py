@@ -28,6 +28,7 @@ from test_remote_user import INTENT, FakeServer, llama_server_binary, start_llam
 
 from usersim_ui.batch.cli import server_urls
 from usersim_ui.core.dialogue import Dialogue, SamplingSettings
+from usersim_ui.core.errors import BackendError
 from usersim_ui.core.guardrails import GuardrailSettings
 from usersim_ui.prompts.formats import UserLMFormat
 from usersim_ui.users.remote import ROUTING_KEY_HEADER, CompletionsUserSimulator, RoutedUser, replica_index
@@ -73,11 +74,26 @@ def test_a_routed_dialogue_sends_its_key_on_every_request_and_shares_what_was_le
     assert ROUTING_KEY_HEADER not in sim._headers()  # the shared client carries no dialogue's key
 
 
+def test_a_router_that_refuses_token_ids_is_named_in_the_error(llama_tok):
+    """sglang-router 0.3.2's answer to a token-id prompt (measured against it): the client's error
+    must quote it, not only say that no P(end) method worked."""
+    refusal = ("Failed to deserialize the JSON body into the target type: prompt: data did not match any variant "
+               "of untagged enum StringOrArray at line 1 column 29")
+    sim = CompletionsUserSimulator("http://router/v1", "userlm", llama_tok, UserLMFormat(llama_tok),
+                                   transport=httpx.MockTransport(lambda request: httpx.Response(422, text=refusal)))
+    with pytest.raises(BackendError) as info:
+        sim.generate_turn(Dialogue(intent=INTENT), GuardrailSettings(), SamplingSettings(max_new_tokens=8))
+    assert "http://router/v1" in str(info.value) and "HTTP 422" in str(info.value) and "StringOrArray" in str(info.value)
+
+
 @pytest.fixture(scope="module")
 def replicas():
     from usersim_ui.inference.model_loading import smollm2_gguf_path
 
-    started = [start_llama_server(smollm2_gguf_path(), parallel=2, ctx=4096, extra=("--metrics",)) for _ in range(2)]
+    # one thread each (the last -t wins): two servers on two cores, whose threads spin while they
+    # wait, made this batch 70 s with two threads each against 8 s with one
+    started = [start_llama_server(smollm2_gguf_path(), parallel=2, ctx=4096, extra=("--metrics", "-t", "1"))
+               for _ in range(2)]
     yield [url for _proc, url in started]
     for proc, _url in started:
         stop(proc)

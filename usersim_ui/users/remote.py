@@ -201,11 +201,13 @@ class CompletionsUserSimulator:
         marker, prompt, banned = plan.marker, plan.prompt, plan.banned
         auto = self.p_end_method == "auto"
         methods = [m for m in P_END_METHODS if m not in self.refused_methods] if auto else [self.p_end_method]
+        answers: dict[str, str] = {}  # what the server said to each refused probe: the error quotes it
         for method in methods:
             extra = banned if method == "logprob_token_ids" else []
             queries = [self._logprob_query(prompt + marker[:k], marker[k], method, extra if k == 0 else ())
                        for k in range(len(marker))]
             responses = yield queries, auto
+            answers.update({method: f"HTTP {r.status}: {r.text[:200]}" for r in responses[:1] if isinstance(r, Failed)})
             values = [self._read_logprob(r, prompt + marker[:k], marker[k], method) for k, r in enumerate(responses)]
             if all(v is not None for v in values):
                 if auto:
@@ -219,7 +221,7 @@ class CompletionsUserSimulator:
             if not auto:
                 why = self.refused_methods.get(method, "it did not return the end token's logprob")
                 raise BackendError(f"{who(self.base_url)}: p_end_method={method!r} cannot be used: {why}")
-        refused = "; ".join(f"{m}: {why}" for m, why in self.refused_methods.items())
+        refused = "; ".join(f"{m}: {why}" for m, why in {**answers, **self.refused_methods}.items())
         raise BackendError(f"{who(self.base_url)} gives no trustworthy way to read P(end): it supports none of "
                            f"{', '.join(P_END_METHODS)} (needs raw logprobs with logprob_token_ids, logit_bias, or echo)"
                            + (f" [{refused}]" if refused else ""))
