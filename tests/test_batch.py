@@ -90,8 +90,10 @@ def check_outputs(out: Path, n: int) -> list[dict]:
     assert len(set(keys)) == n
     assert all(r["ended_by"] in ("user", "turn_cap") for r in records)
     html = out.with_suffix(".html").read_text(encoding="utf-8")
-    # self-contained: plotly.js inline, no script fetched from anywhere
-    assert "<script src=" not in html and "Plotly.newPlot" in html and len(html) > 1_000_000
+    # self-contained: plotly.js inline once (the partial bundle), no script fetched from anywhere
+    assert "<script src=" not in html and "Plotly.newPlot" in html and html.count("plotly.js (basic") == 1
+    assert len(html) < 2_000_000 + 20_000 * n  # was 4.7 MB for 36 dialogues with plotly.js in full
+    assert html.count("<details class='dialogue'") == n  # every transcript
     assert out.with_suffix(".csv").exists() and out.with_name(out.stem + ".dialogues.csv").exists()
     return records
 

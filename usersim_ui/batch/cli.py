@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intents", default="sample", help="'sample' or a .jsonl (intent, id) / .txt (one per line) file")
     p.add_argument("--max-intents", type=int, default=None, help="only the first N intents")
     p.add_argument("--samples", type=int, default=3, help="dialogues per intent and arm")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run every (intent, sample) K times with fresh seeds (recorded per dialogue); the report shows "
+                        "each metric's spread across repeats, the noise floor beside every A-B difference (1: today's "
+                        "seeds and keys)")
     p.add_argument("--assistant", default="local", help="local | local:MODEL | openai:URL:MODEL")
     p.add_argument("--assistant-b", default=None, help="B arm's assistant (makes it an A/B run)")
     p.add_argument("--guardrails", default=None, help="A arm's guardrails: off | name=value,... (default: the paper's)")
@@ -173,7 +177,10 @@ def _main(args: argparse.Namespace) -> int:
     if not intents:
         print(f"error: {args.intents}: no intent to run", file=sys.stderr)
         return 2
-    jobs = plan(intents, args.samples, arms, args.seed)
+    if args.repeats < 1:
+        print("error: --repeats must be at least 1", file=sys.stderr)
+        return 2
+    jobs = plan(intents, args.samples, arms, args.seed, repeats=args.repeats)
     by_name = {a.name: a for a in arms}
     sampling = SamplingSettings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                                 seed=args.seed)
@@ -212,7 +219,8 @@ def _main(args: argparse.Namespace) -> int:
         return Serialised(backend, model_lock) if spec.startswith("local") else backend
 
     out = Path(args.out)
-    print(f"{len(jobs)} dialogues planned ({len(intents)} intents x {args.samples} samples x {len(arms)} arm(s)) -> {out}",
+    print(f"{len(jobs)} dialogues planned ({len(intents)} intents x {args.samples} samples x {len(arms)} arm(s)"
+          + (f" x {args.repeats} repeats" if args.repeats > 1 else "") + f") -> {out}",
           file=sys.stderr)
     result = run_batch(jobs, simulator_for, backend_for, lambda job: settings[job.arm], out,
                        concurrency=args.concurrency, limit=args.limit, replica_for=replica_for,

@@ -68,22 +68,36 @@ class Job:
     sample: int
     arm: str
     seed: int
+    repeat: int = 0
 
 
-def sample_seed(base_seed: int, intent_id: str, sample: int) -> int:
-    """The seed of one (intent, sample), shared by both arms of an A/B."""
-    digest = hashlib.sha256(f"{base_seed}\0{intent_id}\0{sample}".encode()).digest()
+def sample_seed(base_seed: int, intent_id: str, sample: int, repeat: int = 0) -> int:
+    """The seed of one (intent, sample, repeat), shared by both arms of an A/B.
+
+    Repeat 0 is the seed every batch has always had (so files written before ``--repeats``
+    existed resume unchanged); repeat ``r`` > 0 hashes ``r`` in as one more part, the way
+    ``core.seeds`` derives every seed from its position: a fresh seed, reproducible from the record."""
+    parts = f"{base_seed}\0{intent_id}\0{sample}" + (f"\0repeat\0{repeat}" if repeat else "")
+    digest = hashlib.sha256(parts.encode()).digest()
     return int.from_bytes(digest[:4], "big") % 2**31
 
 
-def job_key(intent_id: str, sample: int, arm: str) -> str:
-    return f"{intent_id}/{sample}/{arm}"
+def job_key(intent_id: str, sample: int, arm: str, repeat: int = 0) -> str:
+    """``intent/sample/arm``, and ``intent/sample/arm/rN`` for repeat N > 0 (repeat 0 keeps the old key)."""
+    return f"{intent_id}/{sample}/{arm}" + (f"/r{repeat}" if repeat else "")
 
 
-def plan(intents: Sequence[SampleIntent], samples: int, arms: Sequence[Arm], base_seed: int = 0) -> list[Job]:
-    """Every (intent, sample, arm), arms interleaved so that a partial run holds matched pairs."""
-    return [Job(job_key(i.id, s, a.name), i.id, i.intent, s, a.name, sample_seed(base_seed, i.id, s))
-            for i in intents for s in range(samples) for a in arms]
+def plan(intents: Sequence[SampleIntent], samples: int, arms: Sequence[Arm], base_seed: int = 0,
+         repeats: int = 1) -> list[Job]:
+    """Every (repeat, intent, sample, arm), arms interleaved so that a partial run holds matched
+    pairs, and repeats outermost so that a partial run holds whole repeats first.
+
+    ``repeats`` K > 1 reruns the whole grid with fresh seeds (:func:`sample_seed`): the spread of a
+    metric across repeats is the noise floor an A-B difference is read against."""
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1")
+    return [Job(job_key(i.id, s, a.name, r), i.id, i.intent, s, a.name, sample_seed(base_seed, i.id, s, r), r)
+            for r in range(repeats) for i in intents for s in range(samples) for a in arms]
 
 
 INTENT_SUFFIXES = (".jsonl", ".txt")
@@ -368,7 +382,8 @@ def record_key(record: dict[str, Any]) -> str | None:
 def arms_from_records(records: Sequence[dict[str, Any]]) -> dict[str, list[Dialogue]]:
     """Dialogues per arm, in the order the arms first appear (A before B)."""
     arms: dict[str, list[Dialogue]] = {}
-    for record in sorted(records, key=lambda r: (r["batch"]["arm"], r["batch"]["intent_id"], r["batch"]["sample"])):
+    for record in sorted(records, key=lambda r: (r["batch"]["arm"], r["batch"]["intent_id"], r["batch"]["sample"],
+                                                 repeat_of(r))):
         arms.setdefault(record["batch"]["arm"], []).append(dialogue_from_dict(record))
     return arms
 
@@ -410,11 +425,12 @@ def run_batch(jobs: Sequence[Job], simulator_for: Callable[[Job], Any], backend_
               progress: Callable[[int, int, str], None] | None = None, stop_event: threading.Event | None = None,
               replica_for: Callable[[Job], str | None] = lambda job: None, show_bar: bool = False,
               turn_maker_for: Callable[[Job], Callable[[Dialogue, Any], Dialogue]] | None = None,
-              lock: bool = True) -> BatchResult:
+              lock: bool = True, on_turn: Callable[[Job, Dialogue], None] | None = None) -> BatchResult:
     """Run every job whose key is not yet in ``out``; append one line per finished dialogue.
 
     ``limit`` stops after that many new lines (dialogues still running are abandoned, not
-    written). ``progress(done, total, key)`` is called after each line. ``turn_maker_for(job)``,
+    written). ``progress(done, total, key)`` is called after each line; ``on_turn(job, dialogue)``
+    after each turn of each dialogue (the Batch tab's turn-level progress). ``turn_maker_for(job)``,
     when given, makes each turn instead of the job's simulator and backend (the app routes
     model turns through its ``@spaces.GPU`` function, so that a batch runs on ZeroGPU too).
 
@@ -427,14 +443,15 @@ def run_batch(jobs: Sequence[Job], simulator_for: Callable[[Job], Any], backend_
     out.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(out) if lock else nullcontext():
         return _run_batch(jobs, simulator_for, backend_for, settings_for, out, concurrency, limit, progress,
-                          stop_event, replica_for, show_bar, turn_maker_for)
+                          stop_event, replica_for, show_bar, turn_maker_for, on_turn)
 
 
 def _run_batch(jobs: Sequence[Job], simulator_for: Callable[[Job], Any], backend_for: Callable[[Job], Any],
                settings_for: Callable[[Job], Any], out: Path, concurrency: int, limit: int | None,
                progress: Callable[[int, int, str], None] | None, stop_event: threading.Event | None,
                replica_for: Callable[[Job], str | None], show_bar: bool,
-               turn_maker_for: Callable[[Job], Callable[[Dialogue, Any], Dialogue]] | None) -> BatchResult:
+               turn_maker_for: Callable[[Job], Callable[[Dialogue, Any], Dialogue]] | None,
+               on_turn: Callable[[Job, Dialogue], None] | None = None) -> BatchResult:
     from usersim_ui.core.transitions import auto_run, new_dialogue, run
 
     done = {record_key(r) for r in read_records(out, repair=True)}
@@ -461,7 +478,7 @@ def _run_batch(jobs: Sequence[Job], simulator_for: Callable[[Job], Any], backend
         dialogue = Dialogue(intent=job.intent, id=re.sub(r"[^A-Za-z0-9_.-]+", "-", job.key))
         t0 = time.perf_counter()
         meta = {"key": job.key, "intent_id": job.intent_id, "sample": job.sample, "arm": job.arm, "seed": job.seed,
-                "replica": replica_for(job), "max_turns": settings.max_turns,
+                "repeat": job.repeat, "replica": replica_for(job), "max_turns": settings.max_turns,
                 "guardrails": asdict(settings.guardrails), "sampling": asdict(settings.sampling)}
         try:
             # inside the try: an intent the checks missed fails its own dialogue, not the batch
@@ -469,7 +486,8 @@ def _run_batch(jobs: Sequence[Job], simulator_for: Callable[[Job], Any], backend
             turns = (auto_run(dialogue, simulator, backend, settings, stop_event=stop) if turn_maker_for is None
                      else run(dialogue, turn_maker_for(job), lambda: settings))
             for dialogue in turns:
-                pass
+                if on_turn is not None:
+                    on_turn(job, dialogue)
         except Exception as exc:  # noqa: BLE001 - one failed dialogue must not end the batch
             if stop.is_set():  # stopped (the cancellation, or what it broke): not written, redone on a rerun
                 return
@@ -535,30 +553,75 @@ def output_paths(out: Path) -> dict[str, Path]:
             "html": Path(f"{stem}.html"), "errors": errors_path(out), "quarantine": quarantine_path(out)}
 
 
+def repeat_of(record: dict[str, Any]) -> int:
+    """A record's repeat (files written before ``--repeats`` existed hold repeat 0 only)."""
+    value = record["batch"].get("repeat", 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def arm_settings(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """What each arm ran with, as the report's settings table shows it (the first record of the
+    arm speaks for it: a batch gives all of an arm's dialogues the same settings)."""
+    out: dict[str, dict[str, str]] = {}
+    for record in sorted(records, key=lambda r: r["batch"]["arm"]):
+        arm = record["batch"]["arm"]
+        if arm in out:
+            continue
+        meta = record["batch"]
+        mine = [r for r in records if r["batch"]["arm"] == arm]
+        rows = {"user model": str(record.get("user_model")), "assistant model": str(record.get("assistant_model")),
+                "dialogues": str(len(mine)), "intents": str(len({r["batch"]["intent_id"] for r in mine})),
+                "samples per intent": str(len({r["batch"]["sample"] for r in mine})),
+                "repeats": str(len({repeat_of(r) for r in mine})), "max user turns": str(meta.get("max_turns"))}
+        sampling = meta.get("sampling") if isinstance(meta.get("sampling"), dict) else {}
+        for name in ("temperature", "top_p", "max_new_tokens"):
+            if name in sampling:
+                rows[f"sampling: {name}"] = str(sampling[name])
+        guardrails = meta.get("guardrails") if isinstance(meta.get("guardrails"), dict) else {}
+        for name, value in guardrails.items():
+            rows[f"guardrail: {name}"] = str(value)
+        out[arm] = rows
+    return out
+
+
 def write_reports(out: Path, title: str | None = None, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Metrics CSV, per-dialogue CSV and the HTML report, all from the JSONL alone."""
+    """Metrics CSV, per-dialogue CSV and the HTML report, all from the JSONL alone.
+
+    With more than one repeat (``--repeats``), the metrics CSV gains each metric's spread across
+    repeats (``A_repeat_sd``, ``A_repeat_range``, ..., ``noise_floor``, ``inside_noise``) and the
+    per-dialogue CSV a ``repeat`` column; a one-repeat run's CSVs are as they always were."""
     from usersim_ui.analysis import distribution as dist
 
     records = read_records(out)
     arms = arms_from_records(records)
     table = dist.metrics_table(arms, n_boot=n_boot, seed=seed)
+    repeats = sorted({repeat_of(r) for r in records})
+    if len(repeats) > 1:
+        by_repeat = {k: arms_from_records([r for r in records if repeat_of(r) == k]) for k in repeats}
+        table = dist.with_noise(table, dist.noise_table(by_repeat))
     figs = dist.figures(arms, table)
     paths = output_paths(out)
     dist.write_csv(table, paths["csv"])
     per = dist.dialogue_table(arms)
-    keys = {r["batch"]["key"]: r["batch"] for r in records}
+    keys = {r["batch"]["key"]: r for r in records}
     ids = {dialogue_from_dict(r).id: r["batch"]["key"] for r in records}
     per.insert(0, "key", per["id"].map(ids))
-    per.insert(1, "intent_id", per["key"].map(lambda k: keys[k]["intent_id"]))
-    per.insert(2, "sample", per["key"].map(lambda k: keys[k]["sample"]))
+    per.insert(1, "intent_id", per["key"].map(lambda k: keys[k]["batch"]["intent_id"]))
+    per.insert(2, "sample", per["key"].map(lambda k: keys[k]["batch"]["sample"]))
+    if len(repeats) > 1:
+        per.insert(3, "repeat", per["key"].map(lambda k: repeat_of(keys[k])))
     dist.write_csv(per, paths["dialogues_csv"])
     notes = [f"{len(records)} dialogues from {out.name}; arms: " + ", ".join(f"{a} ({len(d)})" for a, d in arms.items())]
-    for arm, dialogues in arms.items():
-        first = next((r["batch"] for r in records if r["batch"]["arm"] == arm), {})
-        notes.append(f"{arm}: user {dialogues[0].user_model}; assistant {dialogues[0].assistant_model}; "
-                     f"max turns {first.get('max_turns')}; guardrails {first.get('guardrails')}")
     notes.append(f"Intervals: bootstrap over intents, {n_boot} draws, numpy seed {seed}.")
-    paths["html"].write_text(dist.report_html(title or f"UserSim batch: {out.stem}", table, figs, notes), encoding="utf-8")
+    if len(repeats) > 1:
+        notes.append(f"{len(repeats)} repeats of every (intent, sample) with fresh seeds: the noise floor beside each "
+                     "difference is the largest range of an arm's metric across them.")
+    ordered = sorted(records, key=lambda r: (r["batch"]["intent_id"], repeat_of(r), r["batch"]["sample"], r["batch"]["arm"]))
+    entries = [dist.Entry(r["batch"]["key"], r["batch"]["arm"], r["batch"]["intent_id"], r["batch"]["sample"],
+                          repeat_of(r), r["batch"].get("seed"), dialogue_from_dict(r)) for r in ordered]
+    paths["html"].write_text(dist.report_html(title or f"UserSim batch: {out.stem}", table, figs, notes,
+                                              settings=arm_settings(records), entries=entries, repeats=len(repeats)),
+                             encoding="utf-8")
     return {"paths": paths, "table": table, "figures": figs, "arms": arms, "dialogues": per}
 
 
