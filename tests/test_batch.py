@@ -346,7 +346,12 @@ def test_batch_tab_builds_and_its_handler_runs_an_ab_batch(tmp_path: Path, monke
     assert status.startswith("8 dialogues") and "A (4)" in status and "B (4)" in status
     assert {"metric", "A", "B", "diff", "diff_lo", "diff_hi"} <= set(table.columns)
     assert len(figs) == 4 and all(f.data for f in figs)
-    assert {Path(f).suffix for f in files} == {".jsonl", ".csv", ".html"} and seen[-1].startswith("8/8")
+    assert {Path(f).suffix for f in files} == {".jsonl", ".csv", ".html"} and seen[-1].startswith("8/8 dialogues")
+    # progress by turns, with the current dialogue's turn
+    assert any(re.match(r"user turns: \d+ made \(at most 8\) · dialogue \d/8 \(.+\) at user turn 1/1", d or "") for d in seen)
+    shown = dict(zip(table["metric"], table["A"]))
+    assert "Mean P(end)" in shown and "mean_p_end" not in shown  # names, not ids
+    assert re.fullmatch(r"\d\.\d\de[+-]\d\d|0", shown["Mean P(end)"])  # scientific notation, never rounded to 0
     records = [json.loads(line) for line in Path(files[0]).read_text().splitlines()]
     user_turns = sum(m["role"] == "user" for r in records for m in r["messages"])
     assert made == ["user"] * user_turns and user_turns >= 8  # the endpoint's replies take no GPU slice
