@@ -535,3 +535,27 @@ def test_hostile_refusals_are_printed_in_the_hosts_log(monkeypatch, capfd):
         events.refuse("Undo is not possible while a run is in flight: press Stop first.", "undo", "abcdef123456")
     err = capfd.readouterr().err
     assert "refused undo (session abcdef12): Undo is not possible while a run is in flight" in err
+
+
+@pytest.mark.browser
+def test_hostile_the_page_still_gets_a_warning_toast_not_an_error(app_url):
+    """API callers get an error with the reason; the page (which sends x-gradio-user: app) keeps
+    its yellow toast and every output as it was."""
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("Debian's chromium is not installed")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--headless", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(app_url)
+            page.get_by_role("button", name="Step", exact=True).click()  # no intent: refused
+            toast = page.locator(".toast-body.warning", has_text="Write a task intent first")
+            toast.wait_for(timeout=30_000)
+            assert page.locator(".toast-body.error").count() == 0
+            assert "Press Step or Auto-run to start" in page.locator("#banner").inner_text()  # kept as it was
+        finally:
+            browser.close()

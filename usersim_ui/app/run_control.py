@@ -31,8 +31,11 @@ The design, in full:
 * **Bounds, on the wall clock.** At most ``max_runs`` runs at once, at most ``per_visitor`` of
   them from one visitor (a client address as uvicorn resolves it; see README "Hosting in
   public"), each at most ``max_run_s`` seconds (then it is stopped as by Stop, keeping its
-  turns). Waits are recorded (p50/p95 for the soak); a session's entries are dropped by
-  :meth:`forget` (page unload) or after ``idle_ttl_s`` without a run.
+  turns). A run gives its slot back the moment it has decided its last dialogue
+  (:meth:`finish`), before that dialogue is rendered and sent, which on a loaded server takes
+  a while; its session stays busy until it is sent, so nothing can slip in before it. Waits for
+  the model and Stop-to-release times are recorded (for the soak); a session's entries are
+  dropped by :meth:`forget` (page unload) or after ``idle_ttl_s`` without a run.
 
 This module holds no gradio: the UI maps :class:`RunRefused` to a toast or an API error.
 """
@@ -70,7 +73,8 @@ def _env_number(name: str, default: float) -> float:
 MAX_RUNS = int(_env_number("USERSIM_MAX_RUNS", 16))  # runs in flight on the whole server
 RUNS_PER_VISITOR = int(_env_number("USERSIM_RUNS_PER_VISITOR", 4))  # of them from one client address; 0: no cap
 MAX_RUN_S = _env_number("USERSIM_MAX_RUN_S", 900.0)  # one run's wall-clock limit; 0: none
-STOP_GRACE_S = 2.0  # a Stop with no run registered stops a run that registers this soon after
+STOP_GRACE_S = 5.0  # a Stop with no run registered stops a run that registers this soon after (a
+# run's request can wait that long in gradio's queue on a saturated CPU)
 
 
 class RunRefused(RuntimeError):
@@ -89,6 +93,8 @@ class Run:
     version: int = 0  # the session's version this run last read or wrote
     stopped_early: bool = False  # a Stop came just before it registered
     timed_out: bool = False  # stopped by ``max_run_s``
+    stop_requested: float | None = None  # time.monotonic() of the first Stop
+    released: bool = False  # its run slot is free: it has decided its last dialogue and only shows it
 
 
 @dataclass
@@ -118,6 +124,7 @@ class RunControl:
         self._session_data: dict[str, dict[str, object]] = {}
         self._sessions: dict[str, _Session] = {}
         self.waits_s: deque[float] = deque(maxlen=10_000)
+        self.stop_release_s: deque[float] = deque(maxlen=10_000)  # Stop -> the run's slot free
 
     def _session(self, session: str) -> _Session:
         with self._lock:
@@ -139,10 +146,11 @@ class RunControl:
             self._expire_idle(keep=session)
             if session in self._runs:
                 raise RunRefused("A run is already in flight in this session: wait for it to finish or press Stop.")
-            if len(self._runs) >= self.max_runs:
-                raise RunRefused(f"The server is running {len(self._runs)} dialogues, its limit; try again shortly.")
+            holding = [r for r in self._runs.values() if not r.released]
+            if len(holding) >= self.max_runs:
+                raise RunRefused(f"The server is running {len(holding)} dialogues, its limit; try again shortly.")
             if visitor is not None and self.per_visitor > 0:
-                mine = sum(r.visitor == visitor for r in self._runs.values())
+                mine = sum(r.visitor == visitor for r in holding)
                 if mine >= self.per_visitor:
                     raise RunRefused(f"Your address already has {mine} runs in flight, the most one visitor may "
                                      "have at once: stop one or wait for it to finish.")
@@ -163,6 +171,7 @@ class RunControl:
             if timer is not None:
                 timer.cancel()
             run.stop.set()  # anything still working for it (a worker, a stream) winds down
+            self._release(run)
             with self._lock:
                 if self._runs.get(session) is run:
                     del self._runs[session]
@@ -171,6 +180,15 @@ class RunControl:
                 if run.outcome is None:
                     run.closing = True
             run.finished.set()
+
+    def _release(self, run: Run) -> None:
+        """Give the run's slot back (its session stays busy until the run ends)."""
+        with self._lock:
+            if run.released:
+                return
+            run.released = True
+        if run.stop_requested is not None:
+            self.stop_release_s.append(time.monotonic() - run.stop_requested)
 
     def _time_out(self, run: Run) -> None:
         run.timed_out = True
@@ -203,6 +221,7 @@ class RunControl:
             if state.version == run.version:
                 state.dialogue, state.version = run.outcome, state.version + 1
                 run.version = state.version
+        self._release(run)
         return run.outcome
 
     def in_flight(self, session: str) -> bool:
@@ -210,8 +229,9 @@ class RunControl:
             return session in self._runs
 
     def runs_in_flight(self) -> int:
+        """Runs holding a slot (a run that has decided its last dialogue no longer does)."""
         with self._lock:
-            return len(self._runs)
+            return sum(not r.released for r in self._runs.values())
 
     def refuse_if_running(self, session: str, action: str) -> None:
         """For events that change the dialogue and cannot wait for a run."""
@@ -227,6 +247,8 @@ class RunControl:
                 self._sessions.setdefault(session, _Session()).stop_requested = time.monotonic()
                 self._last_seen.setdefault(session, time.monotonic())
                 return False
+            if run.stop_requested is None:
+                run.stop_requested = time.monotonic()
         self._wake(run)
         return True
 
