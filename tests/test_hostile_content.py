@@ -80,18 +80,17 @@ def test_the_batch_tab_sends_the_hosts_key_only_to_an_endpoint_the_host_trusts(b
     server = key_recording_server()
     intents = one_intent(tmp_path)
     quiet = dict(progress=lambda *a, **k: None)
-    try:
+    try:  # one assistant turn per batch, so one request each
         batch_tab.run_batch_ui(intents, 1, 1, "openai", server.url, "loopback", [], 6, **quiet)
+        assert server.authorizations[-1] != f"Bearer {HOST_KEY}" and HOST_KEY not in str(server.authorizations)
         typed = batch_tab.run_batch_ui(intents, 1, 1, "openai", server.url, "loopback", [], 6, "sk-visitor", **quiet)
-        assert typed[0].startswith("1 dialogues")
+        assert typed[0].startswith("1 dialogues") and server.authorizations[-1] == "Bearer sk-visitor"
         monkeypatch.setenv("USERSIM_TRUSTED_ENDPOINTS", f"https://api.example.com/v1, {server.url}/")
         batch_tab.run_batch_ui(intents, 1, 1, "openai", server.url, "loopback", [], 6, **quiet)
+        assert server.authorizations[-1] == f"Bearer {HOST_KEY}"
     finally:
         server.close()
-    untrusted, visitor, trusted = server.authorizations  # one assistant turn per batch
-    assert untrusted != f"Bearer {HOST_KEY}" and HOST_KEY not in str(untrusted)
-    assert visitor == "Bearer sk-visitor"
-    assert trusted == f"Bearer {HOST_KEY}"
+    assert len(server.authorizations) == 3
 
 
 def test_the_studio_form_routes_urls_and_keys_through_the_trust_boundary(host_key, monkeypatch):
@@ -132,13 +131,13 @@ def test_the_local_model_box_loads_only_the_hosts_models_and_names_no_path(host_
     def local(model: str):
         return Form.parse(SETTINGS, ["local", "", 0.7, 16, "", model, ""]).backend
 
-    assert local("").model == "" and local("SmolLM2-135M-Instruct").model == ""  # the offline SmolLM2
     for typed in ("gpt2", "../../../../etc/passwd", str(tmp_path), "microsoft/UserLM-8b"):
         started = time.perf_counter()
         with pytest.raises(ValueError, match="only the models this host allows") as caught:
             local(typed)
         assert time.perf_counter() - started < 0.5  # refused before any load, not in the model slot
         assert typed not in str(caught.value) and "passwd" not in str(caught.value)
+    assert local("").model == "" and local("SmolLM2-135M-Instruct").model == ""  # the offline SmolLM2
     mine = tmp_path / "host-model"
     monkeypatch.setenv("USERSIM_LOCAL_MODELS", f"HuggingFaceTB/SmolLM2-360M-Instruct,{mine}")
     assert local(str(mine)).model == str(mine)
@@ -230,7 +229,10 @@ def run_scripted(jobs, out: Path, sim, backend_for=None, **kwargs):
     from usersim_ui.core.dialogue import SamplingSettings
     from usersim_ui.core.transitions import RunSettings
 
-    settings = RunSettings(sampling=SamplingSettings(max_new_tokens=4), max_turns=1)
+    from usersim_ui.core.guardrails import parse_guardrails
+
+    # no resampling guardrails: what is under test is the file handling, one short turn a dialogue
+    settings = RunSettings(guardrails=parse_guardrails("off"), sampling=SamplingSettings(max_new_tokens=4), max_turns=1)
     backend_for = backend_for or (lambda job: make_backend(BackendSpec(kind="scripted")))
     return run_batch(jobs, lambda job: sim, backend_for, lambda job: settings, out, **kwargs)
 
@@ -244,28 +246,13 @@ def hold_lock_in_another_process(out: Path) -> subprocess.Popen:
 
 
 def test_a_second_writer_is_refused_by_name_and_a_dead_writers_lock_is_taken_over(tmp_path, tiny_sim, capsys):
-    from usersim_ui.batch import cli
-    from usersim_ui.batch.runner import BatchLocked, lock_path, read_records
+    from usersim_ui.assistants.registry import BackendSpec, make_backend
+    from usersim_ui.batch.runner import read_records
 
     out = tmp_path / "runs" / "shared.jsonl"
     jobs = scripted_jobs([("trip", "You want a cheap flight to Lisbon.")], samples=2)
-    holder = hold_lock_in_another_process(out)
-    try:
-        with pytest.raises(BatchLocked, match=rf"pid {holder.pid} on .*, started \d{{4}}-"):
-            run_scripted(jobs, out, tiny_sim)
-        code = cli.main(["--intents", "sample", "--max-intents", "1", "--samples", "1", "--out", str(out),
-                         "--user-model", "tiny", "--assistant", "scripted", "--no-progress"])
-        assert code == 2 and f"pid {holder.pid}" in capsys.readouterr().err  # before any model loads
-        assert not out.exists()
-    finally:
-        holder.send_signal(signal.SIGKILL)  # killed: its lock file stays behind, its flock does not
-        holder.wait()
-    assert lock_path(out).exists()
-    result = run_scripted(jobs, out, tiny_sim)
-    assert result.written == 2 and not lock_path(out).exists()
-    # and two runs at once on one file: the second is refused, every dialogue is written once
+    # two runs at once on one file: the second is refused, every dialogue is written once
     started, release = threading.Event(), threading.Event()
-    from usersim_ui.assistants.registry import BackendSpec, make_backend
 
     class Slow:  # the scripted assistant, held until the second run has tried
         def __init__(self):
@@ -276,20 +263,40 @@ def test_a_second_writer_is_refused_by_name_and_a_dead_writers_lock_is_taken_ove
             started.set()
             release.wait(30)
             return self.inner.reply(*args, **kwargs)
-    more = scripted_jobs([("trip", "You want a cheap flight to Lisbon.")], samples=4)
-    first = threading.Thread(target=run_scripted, args=(more, out, tiny_sim, lambda job: Slow()))
+    first = threading.Thread(target=run_scripted, args=(jobs, out, tiny_sim, lambda job: Slow()))
     first.start()
     assert started.wait(30)
-    with pytest.raises(BatchLocked):
-        run_scripted(more, out, tiny_sim)
-    release.set()
-    first.join(60)
-    keys = [r["batch"]["key"] for r in read_records(out)]
-    assert sorted(keys) == sorted(j.key for j in more) and len(out.read_text().splitlines()) == 4
+    try:
+        with pytest.raises(RuntimeError, match=rf"being written by another batch run \(pid {os.getpid()} on "):
+            run_scripted(jobs, out, tiny_sim)
+    finally:
+        release.set()
+        first.join(60)
+    assert sorted(r["batch"]["key"] for r in read_records(out)) == sorted(j.key for j in jobs)
+    assert len(out.read_text().splitlines()) == 2
+    # a run in another process: refused with its pid and start time, by the runner and by the CLI
+    from usersim_ui.batch import cli
+    from usersim_ui.batch.runner import BatchLocked, lock_path
+
+    more = scripted_jobs([("trip", "You want a cheap flight to Lisbon.")], samples=4)
+    holder = hold_lock_in_another_process(out)
+    try:
+        with pytest.raises(BatchLocked, match=rf"pid {holder.pid} on .*, started \d{{4}}-"):
+            run_scripted(more, out, tiny_sim)
+        code = cli.main(["--intents", "sample", "--max-intents", "1", "--samples", "1", "--out", str(out),
+                         "--user-model", "tiny", "--assistant", "scripted", "--no-progress"])
+        assert code == 2 and f"pid {holder.pid}" in capsys.readouterr().err  # before any model loads
+        assert len(out.read_text().splitlines()) == 2
+    finally:
+        holder.send_signal(signal.SIGKILL)  # killed: its lock file stays behind, its flock does not
+        holder.wait()
+    assert lock_path(out).exists()
+    result = run_scripted(more, out, tiny_sim)
+    assert (result.written, result.skipped) == (2, 2) and not lock_path(out).exists()
 
 
 def test_a_torn_line_is_quarantined_and_the_run_goes_on(tmp_path, tiny_sim):
-    from usersim_ui.batch.runner import quarantine_path, read_records, write_reports
+    from usersim_ui.batch.runner import read_records, write_reports
 
     out = tmp_path / "torn.jsonl"
     jobs = scripted_jobs([("trip", "You want a cheap flight to Lisbon."), ("cake", "You want a cake recipe.")])
@@ -304,7 +311,8 @@ def test_a_torn_line_is_quarantined_and_the_run_goes_on(tmp_path, tiny_sim):
     records = read_records(out)
     assert [r["batch"]["key"] for r in records] == [j.key for j in jobs]
     assert out.read_text().startswith(good)  # the finished dialogue is untouched
-    quarantined = [json.loads(line) for line in quarantine_path(out).read_text().splitlines()]
+    quarantine = out.with_name("torn.quarantine.jsonl")
+    quarantined = [json.loads(line) for line in quarantine.read_text().splitlines()]
     assert [(q["line"], q["file"]) for q in quarantined] == [(2, out.name), (3, out.name), (4, out.name)]
     assert quarantined[0]["text"] == '{"id": "torn", "intent": "You want' and "second record" in quarantined[2]["reason"]
     write_reports(out, n_boot=20)  # the reports read the repaired file
@@ -312,7 +320,7 @@ def test_a_torn_line_is_quarantined_and_the_run_goes_on(tmp_path, tiny_sim):
 
 def test_bad_intents_are_listed_and_skipped_and_never_stop_the_batch(tmp_path, tiny_sim, capsys):
     from usersim_ui.batch import cli
-    from usersim_ui.batch.runner import read_intents, read_records
+    from usersim_ui.batch.runner import read_records
 
     lines = [json.dumps({"id": "ok-1", "intent": "You want a cheap flight to Lisbon."}),
              json.dumps({"id": "huge", "intent": "You want " + "x" * 5000}),
@@ -323,11 +331,6 @@ def test_bad_intents_are_listed_and_skipped_and_never_stop_the_batch(tmp_path, t
              json.dumps({"id": "ok-2", "intent": "You want a cake recipe."})]
     path = tmp_path / "intents.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    found = read_intents(str(path))
-    assert [i.id for i in found.intents] == ["ok-1", "ok-2"]
-    assert [p.split(":")[0] for p in found.problems] == ["line 2", "line 3", "line 4", "line 5", "line 6"]
-    assert "5,009 characters; the limit is 4,000" in found.problems[0] and "no 'intent' text" in found.problems[1]
-    assert all("x" * 20 not in p and "calc" not in p for p in found.problems)  # no line's text comes back
     out = tmp_path / "skip.jsonl"
     code = cli.main(["--intents", str(path), "--samples", "1", "--max-turns", "1", "--max-new-tokens", "4",
                      "--out", str(out), "--user-model", "tiny", "--assistant", "scripted", "--no-progress",
@@ -335,17 +338,25 @@ def test_bad_intents_are_listed_and_skipped_and_never_stop_the_batch(tmp_path, t
     err = capsys.readouterr().err
     assert code == 0 and "line 2: the intent has 5,009 characters" in err and "skipped" in err
     assert sorted(r["batch"]["intent_id"] for r in read_records(out)) == ["ok-1", "ok-2"]
-    # and an intent the checks never saw (a job made by hand) fails its own dialogue only
+    # an intent the checks never saw (a job made by hand) fails its own dialogue only
     jobs = scripted_jobs([("long", "You want " + "y" * 5000), ("fine", "You want a cake recipe.")])
     result = run_scripted(jobs, tmp_path / "direct.jsonl", tiny_sim)
     assert (result.written, result.failed) == (1, 1)
+    # every problem names its line and the rule, never the line's text
+    from usersim_ui.batch.runner import read_intents
+
+    found = read_intents(str(path))
+    assert [i.id for i in found.intents] == ["ok-1", "ok-2"]
+    assert [p.split(":")[0] for p in found.problems] == ["line 2", "line 3", "line 4", "line 5", "line 6"]
+    assert "5,009 characters; the limit is 4,000" in found.problems[0] and "no 'intent' text" in found.problems[1]
+    assert all("x" * 20 not in p and "calc" not in p for p in found.problems)
 
 
 def test_an_error_entry_goes_once_its_dialogue_succeeds(tmp_path, tiny_sim):
     from usersim_ui.assistants.registry import BackendSpec, make_backend
-    from usersim_ui.batch.runner import errors_path
 
     out = tmp_path / "retry.jsonl"
+    errors = out.with_name("retry.errors.jsonl")
     jobs = scripted_jobs([("trip", "You want a cheap flight to Lisbon."), ("cake", "You want a cake recipe.")])
     refused = BackendSpec(kind="openai", base_url="http://127.0.0.1:9/v1", model="nobody-listens")
 
@@ -353,10 +364,10 @@ def test_an_error_entry_goes_once_its_dialogue_succeeds(tmp_path, tiny_sim):
         return make_backend(refused if job.intent_id == "cake" else BackendSpec(kind="scripted"))
     first = run_scripted(jobs, out, tiny_sim, flaky)
     assert (first.written, first.failed) == (1, 1)
-    assert [json.loads(line)["batch"]["key"] for line in errors_path(out).read_text().splitlines()] == ["cake/0/A"]
+    assert [json.loads(line)["batch"]["key"] for line in errors.read_text().splitlines()] == ["cake/0/A"]
     second = run_scripted(jobs, out, tiny_sim)
     assert (second.written, second.skipped) == (1, 1)
-    assert not errors_path(out).exists() or "cake/0/A" not in errors_path(out).read_text()
+    assert not errors.exists() or "cake/0/A" not in errors.read_text()
 
 
 # ---- 11. CSV cells a spreadsheet would run -------------------------------------------------
@@ -368,7 +379,8 @@ def test_csv_cells_that_could_be_formulas_are_neutralised_and_numbers_stay_numbe
     records = []
     for arm, p_end in (("A", 0.2), ("B", 0.1)):
         for n, intent in enumerate(intents):
-            d = Dialogue(intent=intent, turns=(Turn("user", "=1+1 is my first turn", p_end=p_end), Turn("assistant", "ok")),
+            reply = "<form><input type=password></form><img src=http://127.0.0.1:9/report onerror=alert(1)>"
+            d = Dialogue(intent=intent, turns=(Turn("user", "=1+1 is my first turn", p_end=p_end), Turn("assistant", reply)),
                          ended_by="turn_cap", id=f"d{n}{arm}")
             records.append({**dialogue_to_dict(d), "batch": {"key": f"i{n}/0/{arm}", "intent_id": f"i{n}", "sample": 0,
                                                               "arm": arm}})
@@ -382,6 +394,9 @@ def test_csv_cells_that_could_be_formulas_are_neutralised_and_numbers_stay_numbe
     assert all(row["first_turn"] == "'=1+1 is my first turn" for row in rows)
     metrics = {row["metric"]: row for row in csv.DictReader(open(out.with_suffix(".csv"), encoding="utf-8"))}
     assert float(metrics["mean_p_end"]["diff"]) == pytest.approx(-0.1)  # a negative number, not text
+    # the HTML report shows the same texts as text (a regression guard: the report escapes them)
+    report = out.with_suffix(".html").read_text(encoding="utf-8")
+    assert "<img src=http://127.0.0.1:9/report" not in report and "<form><input" not in report
 
 
 # ---- 12. the Batch tab: clear messages, and its folder goes with the session -----------------
