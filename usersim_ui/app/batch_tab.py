@@ -292,13 +292,13 @@ def build_batch_tab() -> None:
             intents_file = gr.File(label="Or upload intents (.jsonl with 'intent' and 'id', or .txt one per line)",
                                    file_types=[".jsonl", ".txt"], type="filepath")
         with gr.Column():
-            samples = gr.Slider(1, 20, value=3, step=1, label="Samples per intent")
-            max_turns = gr.Slider(1, 12, value=4, step=1, label="Max user turns")
-            max_new_tokens = gr.Slider(8, 128, value=64, step=8, label="Max tokens per user turn")
+            samples = gr.Slider(1, 20, value=3, step=1, label="Samples per intent", elem_id="batch-samples")
+            max_turns = gr.Slider(1, 12, value=4, step=1, label="Max user turns", elem_id="batch-turns")
+            max_new_tokens = gr.Slider(8, 128, value=64, step=8, label="Max tokens per user turn", elem_id="batch-tokens")
     with gr.Row():
-        assistant = gr.Dropdown(["local", "openai"], value="local", label="Assistant")
-        base_url = gr.Textbox(label="Base URL (openai)", placeholder="http://localhost:8000/v1")
-        model = gr.Textbox(label="Model (openai)")
+        assistant = gr.Dropdown(["local", "openai"], value="local", label="Assistant", elem_id="batch-assistant")
+        base_url = gr.Textbox(label="Base URL (openai)", placeholder="http://localhost:8000/v1", elem_id="batch-url")
+        model = gr.Textbox(label="Model (openai)", elem_id="batch-model")
         api_key = gr.Textbox(label="API key (openai; sent only to this URL, never stored)", type="password")
     b_off = gr.CheckboxGroup(GUARDRAIL_CHOICES, label="B arm: guardrails switched off (none ticked: no B arm)")
     plan = gr.Markdown(plan_line(None, 3, 4, [], 64, None), elem_id="batch-plan")
