@@ -24,8 +24,8 @@ from usersim_ui.core.dialogue import (
     Turn,
 )
 
-P_ENDS = {1: 3e-4, 3: 2.4e-4, 5: 0.004, 9: 0.35}  # turn number -> P(end), user turns the model wrote
-MASKED_TURNS = [1, 5]
+P_ENDS = {1: 3e-4, 3: 2.4e-4, 5: 0.04, 9: 0.35}  # turn number -> P(end), user turns the model wrote
+MASKED_TURNS = [5]  # turn 1's end was masked too, but at P 3e-4 that changed nothing (GuardrailEvent.acted)
 
 
 def masked(p: float) -> GuardrailEvent:
@@ -46,7 +46,7 @@ def story() -> Dialogue:
              rejected=(RejectedSample(words(31, "a"), "length: 31 words"), RejectedSample(words(28, "b"), "length: 28 words"))),
         Turn(role="assistant", text="Try Nishiki market.", words=3, tokens=5),
         Turn(role="user", text=words(25, "c"), words=25, tokens=30, p_end=P_ENDS[5], truncated=True,
-             guardrails=(masked(0.004), GuardrailEvent("retry_cap", "gave_up", "kept a sample after 5 resamples (length: 40 words)"),
+             guardrails=(masked(0.04), GuardrailEvent("retry_cap", "gave_up", "kept a sample after 5 resamples (length: 40 words)"),
                          GuardrailEvent("length", "resampled", "34 words", count=5)),
              rejected=tuple(RejectedSample(words(30 + i, "d"), f"length: {30 + i} words") for i in range(5))),
         Turn(role="assistant", text="Anything else?", words=2, tokens=3),
@@ -106,8 +106,8 @@ def test_hover_gives_exact_values_in_scientific_notation_when_tiny():
     data = traces(p_end_figure(story()))
     points = next(t for t in data.values() if t.get("mode") == "lines+markers")
     hover = list(points["hovertext"])
-    assert "3.0e-04" in hover[0] and "2.4e-04" in hover[1] and "0.004" in hover[2] and "0.350" in hover[3]
-    assert "masked" in hover[0] and "masked" not in hover[1]
+    assert "3.0e-04" in hover[0] and "2.4e-04" in hover[1] and "0.040" in hover[2] and "0.350" in hover[3]
+    assert "masked" in hover[2] and "masked" not in hover[0] and "masked" not in hover[1]
     assert "%{hovertext}" in points["hovertemplate"]
     assert not any("0.000" in h for h in hover)
 
@@ -118,24 +118,29 @@ def test_format_probability(p, text):
     assert format_probability(p) == text
 
 
-def test_recorded_settings_shade_an_end_masked_too_quietly_for_an_event():
-    """The simulator writes no event when the masked P(end) is below 0.01; the settings still say it was masked."""
-    quiet = GuardrailSettings(min_user_turns_before_end=1)
+def test_one_accounting_a_mask_that_removed_almost_nothing_is_counted_nowhere():
+    """Badge, P(end) shading, guardrail chart, summary and the batch report count the same events
+    (GuardrailEvent.acted): a masked end of P 1e-4 (an imported record, or settings that masked
+    it) changed nothing and appears in none of them; one of P 0.2 appears in all."""
+    quiet = GuardrailEvent("no_early_ending", "masked", "end (p=0.00)", probability_removed=1e-4)
+    loud = GuardrailEvent("no_early_ending", "masked", "end (p=0.20)", probability_removed=0.2)
     d = Dialogue(intent="x", turns=(
-        Turn(role="user", text="a b c", p_end=1e-4, guardrail_settings=quiet),
+        Turn(role="user", text="a b c", p_end=1e-4, guardrails=(quiet,), guardrail_settings=GuardrailSettings()),
         Turn(role="assistant", text="d"),
-        Turn(role="user", text="e f g", p_end=2e-4, guardrail_settings=quiet),
+        Turn(role="user", text="e f g", p_end=0.2, guardrails=(loud,), guardrail_settings=GuardrailSettings()),
         Turn(role="assistant", text="h"),
-        Turn(role="user", text="i j k", p_end=3e-4, guardrail_settings=GuardrailSettings(no_early_ending=False)),
-        Turn(role="assistant", text="l"),
-        Turn(role="user", text="m n o", p_end=4e-4),
+        Turn(role="user", text="i j k", p_end=3e-4, guardrail_settings=GuardrailSettings()),
     ))
-    assert list(turn_table(d)["end_masked"]) == [True] + [False] * 6
+    assert list(turn_table(d)["end_masked"]) == [False, False, True, False, False]
     shapes = p_end_figure(d).to_plotly_json()["layout"]["shapes"]
-    assert [(s["x0"] + s["x1"]) / 2 for s in shapes] == pytest.approx([1])
+    assert [(s["x0"] + s["x1"]) / 2 for s in shapes] == pytest.approx([3])
     marks = [(x, y, t["name"]) for t in guardrail_figure(d).to_plotly_json()["data"] for x, y in zip(t["x"], t["y"])]
-    assert marks == [(1, "no early ending", "masked")]
+    assert marks == [(3, "no early ending", "masked")]
     assert "guardrails acted 1x (no early ending 1)" in summary_text(d)
+    badges = [badge_line(t) for t in d.turns]
+    assert "no_early_ending" not in badges[0] and "no_early_ending" in badges[2]
+    from usersim_ui.analysis.distribution import dialogue_table
+    assert dialogue_table({"A": [d]})["no_early_ending_turns"].tolist() == [1]
 
 
 # ---- guardrails and lengths ----------------------------------------------------------------
@@ -147,7 +152,7 @@ def test_guardrail_figure_counts_each_guardrail_on_each_turn():
         for x, y, count, hover in zip(trace["x"], trace["y"], trace["customdata"], trace["hovertext"]):
             seen[(x, y, trace["name"])] = count
             assert f"Turn {x}" in hover and y in hover
-    assert seen == {(1, "first-token filter", "masked"): 1, (1, "no early ending", "masked"): 1,
+    assert seen == {(1, "first-token filter", "masked"): 1,
                     (3, "length", "resampled"): 2, (5, "no early ending", "masked"): 1,
                     (5, "length", "resampled"): 5, (5, "retry cap", "gave up"): 1}
     resampled = next(t for t in fig["data"] if t["name"] == "resampled")
@@ -181,9 +186,9 @@ def test_badges_say_tiny_p_end_rejected_lengths_and_cuts():
 
 def test_summary_text_in_plain_english():
     assert summary_text(story()) == (
-        "**9 turns** (5 user) · **Ended by the simulated user at turn 9** · guardrails acted 11x "
-        "(first-token filter 1, no early ending 2, length 7, retry cap 1) · 1.40 resamples per user turn · "
-        "mean P(end) 0.089 · 1 turn kept although cut short")
+        "**9 turns** (5 user) · **Ended by the simulated user at turn 9** · guardrails acted 10x "
+        "(first-token filter 1, no early ending 1, length 7, retry cap 1) · 1.40 resamples per user turn · "
+        "mean P(end) 0.098 · 1 turn kept although cut short")
     first = GuardrailEvent("first_token", "masked", "'I' (p=0.40)")
     capped = Dialogue(intent="x", ended_by="turn_cap", turns=(
         Turn(role="user", text="a", p_end=2e-4, guardrails=(first,)), Turn(role="assistant", text="b"),

@@ -35,7 +35,7 @@ def badge_line(turn: Turn) -> str:
         parts.append(f"cut at {turn.words} words")
     if turn.latency_s is not None:
         parts.append(f"{turn.latency_s:.2f} s")
-    parts += [event.badge() for event in turn.guardrails]
+    parts += [event.badge() for event in turn.guardrails if event.acted]
     if turn.author == "researcher":
         parts.append("typed by researcher")
     if turn.edited:

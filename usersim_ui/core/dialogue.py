@@ -48,10 +48,11 @@ class GuardrailEvent:
         """Whether the guardrail changed the turn: the one definition that badges, charts, summaries
         and batch reports all count. A resample, a give-up or a trim did; a mask did when it removed
         at least ``ACTED_THRESHOLD`` of the first token's probability (a masked end of P 1e-4
-        changed nothing a reader could see)."""
-        if self.action != "masked":
+        changed nothing a reader could see); a mask recorded without that number is taken as
+        recorded."""
+        if self.action != "masked" or self.probability_removed is None:
             return True
-        return self.probability_removed is not None and self.probability_removed >= ACTED_THRESHOLD
+        return self.probability_removed >= ACTED_THRESHOLD
 
     def badge(self) -> str:
         """Short text for a badge line under the turn."""
