@@ -120,7 +120,7 @@ def dialogue_table(arms: Mapping[str, Sequence[Dialogue]]) -> pd.DataFrame:
                 "arm": arm, "id": d.id, "intent": d.intent, "user_turns": len(users), "ended_by": ended_by(d),
                 "mean_p_end": float(np.mean(p)) if p else math.nan,
                 "resamples": sum(len(t.rejected) for t in users),
-                **{f"{g}_turns": sum(any(e.guardrail == g for e in t.guardrails) for t in users) for g in GUARDRAILS},
+                **{f"{g}_turns": sum(any(e.guardrail == g and e.acted for e in t.guardrails) for t in users) for g in GUARDRAILS},
                 "first_turn": users[0].text if users else "",
             })
     return pd.DataFrame(rows)
@@ -169,7 +169,7 @@ def guardrails_by_turn(dialogues: Sequence[Dialogue]) -> pd.DataFrame:
         turns = per[index]
         row = {"turn": index, "n": len(turns)}
         for g in GUARDRAILS:
-            row[g] = sum(any(e.guardrail == g for e in t.guardrails) for t in turns) / len(turns)
+            row[g] = sum(any(e.guardrail == g and e.acted for e in t.guardrails) for t in turns) / len(turns)
         row["resamples_per_turn"] = sum(len(t.rejected) for t in turns) / len(turns)
         rows.append(row)
     return pd.DataFrame(rows, columns=["turn", "n", *GUARDRAILS, "resamples_per_turn"])
@@ -247,8 +247,8 @@ def _intent_parts(group: Sequence[Dialogue]) -> dict[str, tuple[float, float]]:
         "ended_by_user": (sum(d.ended_by == "user" for d in group), len(group)),
         "ended_by_turn_cap": (sum(d.ended_by == "turn_cap" for d in group), len(group)),
         "mean_p_end": (sum(p), len(p)),
-        "guardrail_activation": (sum(any(e.guardrail in GUARDRAILS for e in t.guardrails) for t in users), n_turns),
-        **{f"{g}_activation": (sum(any(e.guardrail == g for e in t.guardrails) for t in users), n_turns)
+        "guardrail_activation": (sum(any(e.guardrail in GUARDRAILS and e.acted for e in t.guardrails) for t in users), n_turns),
+        **{f"{g}_activation": (sum(any(e.guardrail == g and e.acted for e in t.guardrails) for t in users), n_turns)
            for g in GUARDRAILS},
         "resamples_per_user_turn": (sum(len(t.rejected) for t in users), n_turns),
         "verbatim_repeat_rate": (sum(kept), len(kept)),
@@ -652,7 +652,7 @@ def _turn_html(turn: Turn, number: int) -> str:
     bits = [f"#{number}", _e(turn.role), f"{turn.words} words"]
     if turn.p_end is not None:
         bits.append(f"P(end) {_e(format_probability(turn.p_end))}")
-    acted = sorted({e.guardrail for e in turn.guardrails})
+    acted = sorted({e.guardrail for e in turn.guardrails if e.acted})
     if acted:
         bits.append("guardrails: " + _e(", ".join(acted)))
     if turn.rejected:
