@@ -84,7 +84,7 @@ RAW = {"post_sampling_probs": False}  # llama-server: report probabilities befor
 RETRY_STATUSES = (429, 502, 503, 504)
 RETRIES = 3
 POLL_S = 0.1  # how often a blocked request looks at Stop
-REQUEST_BASE_S = 30.0  # a request's own timeout: this plus PER_TOKEN_S per token asked for
+REQUEST_BASE_S = 60.0  # a request's own timeout: this plus PER_TOKEN_S per token asked for (a busy server queues)
 PER_TOKEN_S = 0.5
 # The session key sglang-router's ``manual`` policy (and the SGLang model gateway's
 # ``consistent_hashing``) pins to one worker; any router that hashes on a header can use it.
