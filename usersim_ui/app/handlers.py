@@ -114,6 +114,14 @@ def notice_only(text: str) -> tuple[Any, ...]:
     return (gr.skip(), gr.skip(), text) + tuple(gr.skip() for _ in range(N_VIEW - 3))
 
 
+def status_only(dialogue: Dialogue, running: str | None = None, notice: str | None = None) -> tuple[Any, ...]:
+    """The status line and summary of a dialogue the page already shows: rendering its chat and
+    charts again costs ~0.25 s of CPU, which a visitor starting and stopping runs in a loop
+    would otherwise make the server spend twice a cycle."""
+    return (gr.skip(), gr.skip(), status_text(dialogue, running, notice), gr.skip(), gr.skip(),
+            summary_text(dialogue, running=bool(running)), gr.skip())
+
+
 def checked_numbers(components: Iterable[Any]) -> None:
     """Number and Slider boxes refuse a value that is not a number with the box's name.
 
@@ -248,6 +256,7 @@ def run_turns(dialogue: Dialogue | None, intent: str, form: Form, session: str, 
     The run registers *before* it reads the dialogue: ``dialogue`` (the page's state when the
     event was queued) gives way to whatever a Send, Edit, Undo or Import committed before, so
     their confirmed work is never overwritten by the run's first update."""
+    shown = dialogue
     try:
         with RUNS.start(session, visitor) as run:
             dialogue = RUNS.dialogue(session, dialogue)
@@ -266,7 +275,7 @@ def run_turns(dialogue: Dialogue | None, intent: str, form: Form, session: str, 
             if start.next_role == "assistant" and spec.kind == "researcher":
                 raise engine.NeedsResearcher("You are the assistant: type the reply and press Send.")
             start = engine.ensure_open(start, settings)
-            yield from _run(run, original, start, settings, spec, session, max_new_turns, regenerate)
+            yield from _run(run, original, start, settings, spec, session, max_new_turns, regenerate, shown)
     except (RunRefused, *USER_ERRORS) as exc:
         yield refuse(str(exc), event, session)
 
@@ -279,12 +288,19 @@ def _stopped_text(run: Run) -> str:
 
 
 def _run(run: Run, original: Dialogue, start: Dialogue, settings: engine.RunSettings, spec: BackendSpec,
-         session: str, max_new_turns: int | None, regenerate: bool) -> Iterator[tuple[Any, ...]]:
+         session: str, max_new_turns: int | None, regenerate: bool,
+         shown: Dialogue | None = None) -> Iterator[tuple[Any, ...]]:
+    """``shown``: the dialogue the caller shows (the page's state); when the run starts from it
+    and changes nothing, its views are not drawn again."""
     set_live_settings(session, settings)
     now = lambda: live_settings(session) or settings  # noqa: E731 - toggles moved mid-run apply next turn
     current, notice = start, None
     RUNS.commit(run, original)
-    yield render(original, running=running_text(start, settings))
+    unchanged = shown is not None and shown == original  # the caller has this dialogue's views already
+    if unchanged:
+        yield status_only(original, running=running_text(start, settings))
+    else:
+        yield render(original, running=running_text(start, settings))
     try:
         for current in engine.run(start, turn_maker(spec, run, original if regenerate else None), now,
                                   max_new_turns):
@@ -300,7 +316,10 @@ def _run(run: Run, original: Dialogue, start: Dialogue, settings: engine.RunSett
         notice = f"⚠ {message.rstrip('.')}. The dialogue so far is kept."
     kept = original if regenerate and current is start else current
     final = RUNS.finish(run, kept)
-    yield render(final, notice=notice if final is kept else None)
+    if unchanged and final == original:  # stopped or failed before its first turn: nothing to draw again
+        yield status_only(final, notice=notice if final is kept else None)
+    else:
+        yield render(final, notice=notice if final is kept else None)
 
 
 # ---- events that change the dialogue without a model ---------------------------------------

@@ -228,6 +228,11 @@ class RunControl:
         with self._lock:
             return session in self._runs
 
+    def runs_of(self, visitor: str) -> int:
+        """The visitor's runs holding a slot."""
+        with self._lock:
+            return sum(r.visitor == visitor and not r.released for r in self._runs.values())
+
     def runs_in_flight(self) -> int:
         """Runs holding a slot (a run that has decided its last dialogue no longer does)."""
         with self._lock:
