@@ -132,10 +132,10 @@ def test_hostile_stop_cuts_an_endpoint_wait_within_a_second_and_frees_the_run_sl
     time.sleep(1.5)  # the endpoint has trickled (or kept silent) for a while
     stopped = time.monotonic()
     client.predict(api_name="/stop")
+    wait_until(lambda: not session_in_flight(client), timeout=10)  # the run slot is free on the server
+    took = time.monotonic() - stopped  # Stop's round trip and the release, not the result's delivery
     outputs = job.result(timeout=30)
-    took = time.monotonic() - stopped
     assert took < 1.0, f"Stop took {took:.2f} s"
-    assert not session_in_flight(client)  # the run slot is free
     assert "Stopped" in outputs[1] and texts(dialogue_of(client)) == [USER_TEXT]
     wait_until(lambda: endpoint.closed_at, timeout=2)  # and the connection was cut, not left hanging
     assert endpoint.closed_at[0] - stopped < 1.0
