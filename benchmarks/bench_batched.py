@@ -42,22 +42,38 @@ def synchronize(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def decode_step_s(model: torch.nn.Module, rows: int, prompt: int = 200, steps: int = 6) -> float:
+def decode_step_s(model: torch.nn.Module, rows: int, prompt: int = 200, steps: int = 6, trials: int = 1,
+                  timer: Callable[[], float] = time.perf_counter) -> float:
     """Seconds per decode step of the bare model at ``rows`` rows (no sampling, no guardrails):
-    how far batching can go on this machine at all, whatever the turn code does."""
+    how far batching can go on this machine at all, whatever the turn code does. The best of
+    ``trials`` runs of ``steps`` steps (a shared CPU's other jobs only ever add time)."""
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
+    best = float("inf")
     with torch.inference_mode():
         ids = torch.randint(0, vocab, (rows, prompt), device=device)
-        past = model(ids, use_cache=True).past_key_values
         step = torch.randint(0, vocab, (rows, 1), device=device)
-        model(step, past_key_values=past, use_cache=True)  # warm-up
-        synchronize(device)
-        started = time.perf_counter()
-        for _ in range(steps):
-            past = model(step, past_key_values=past, use_cache=True).past_key_values
-        synchronize(device)
-        return (time.perf_counter() - started) / steps
+        for _ in range(trials):
+            past = model(ids, use_cache=True).past_key_values
+            model(step, past_key_values=past, use_cache=True)  # warm-up
+            synchronize(device)
+            started = timer()
+            for _ in range(steps):
+                past = model(step, past_key_values=past, use_cache=True).past_key_values
+            synchronize(device)
+            best = min(best, (timer() - started) / steps)
+    return best
+
+
+def ceiling_steps(model: torch.nn.Module, rows: int, trials: int = 5,
+                  timer: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
+    """The bare decode step at 1 row and at ``rows`` rows, each the best of ``trials``, taken in
+    turns so that a change of load touches both."""
+    one, many = float("inf"), float("inf")
+    for _ in range(trials):
+        one = min(one, decode_step_s(model, 1, timer=timer))
+        many = min(many, decode_step_s(model, rows, timer=timer))
+    return one, many
 
 
 def bench_dialogues(n: int, history: int) -> list[Dialogue]:
@@ -119,7 +135,7 @@ def measure(sim: UserSimulator, dialogues: list[Dialogue], settings: list[RunSet
         started = timer()
         together = generate_user_turns(sim, dialogues, settings, stats=stats)
         batch.append(timer() - started)
-    one_row, all_rows = decode_step_s(sim.model, 1), decode_step_s(sim.model, len(dialogues))
+    one_row, all_rows = ceiling_steps(sim.model, len(dialogues), timer=timer)
     return BatchedResult(
         len(dialogues), min(one), min(batch), one_row, all_rows, sum(a.text == b.text for a, b in zip(alone, together)),
         sum(len(t.rejected) + 1 for t in alone) / len(alone), sum(len(t.rejected) + 1 for t in together) / len(together),
@@ -129,7 +145,7 @@ def measure(sim: UserSimulator, dialogues: list[Dialogue], settings: list[RunSet
 def print_result(label: str, r: BatchedResult) -> None:
     print(f"{label}: bare model decode step {r.one_row_step_s * 1e3:.1f} ms at 1 row, {r.all_rows_step_s * 1e3:.1f} ms "
           f"at {r.n} rows: batching can gain at most {r.ceiling:.2f}x before sampling and guardrails")
-    print("| variant | wall s for all turns | user turns / s | samples / turn | generate() calls | speed-up | share of the bare ceiling |")
+    print("| variant | s for all turns | user turns / s | samples / turn | generate() calls | speed-up | share of the bare ceiling |")
     print("|---|---|---|---|---|---|---|")
     print(f"| one by one (generate_turn) | {r.one_s:.2f} | {r.n / r.one_s:.2f} | {r.samples_alone:.2f} | "
           f"{r.calls_alone} | 1.00x | |")
@@ -167,16 +183,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy, no sampling cost, no retries")
     parser.add_argument("--models", default="random,smollm2", help="comma-separated: random, smollm2")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); on a CPU "
+                        "shared with other jobs one thread keeps the readings from waiting on a busy second one")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: this process's CPU seconds (with --threads 1: the work done, whatever else "
+                             "the machine runs); wall: elapsed seconds")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    timer = time.process_time if args.clock == "cpu" else time.perf_counter
     makers = {"random": random_user, "smollm2": smollm2_user}
     print(f"machine: {machine()}; {args.dialogues} dialogues with {args.history} exchanges of history each; "
           f"max_new_tokens={args.max_new_tokens}; temperature {args.temperature}, top_p 0.8; guardrails at the "
-          f"paper's defaults; prefix cache off; best of {args.repeats}")
+          f"paper's defaults; prefix cache off; best of {args.repeats}; {args.clock} clock")
     dialogues = bench_dialogues(args.dialogues, args.history)
     settings = bench_settings(args.dialogues, args.max_new_tokens, args.temperature)
     for name in args.models.split(","):
         label, sim = makers[name.strip()](args)
-        print_result(label, measure(sim, dialogues, settings, args.repeats))
+        print_result(label, measure(sim, dialogues, settings, args.repeats, timer=timer))
 
 
 if __name__ == "__main__":
