@@ -12,6 +12,7 @@ text stops at ``MAX_TURN_CHARS`` (the turn is marked ``truncated``) and the byte
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
@@ -88,6 +89,15 @@ class _Wire:
                 pass  # already closed
 
 
+@functools.lru_cache(maxsize=1)
+def _tls() -> Any:
+    """httpx's default TLS context, made once: making it loads the CA bundle, ~30 ms of CPU a
+    reply otherwise, which a visitor starting and stopping runs in a loop would make us spend."""
+    import httpx
+
+    return httpx.create_ssl_context()
+
+
 def _transport(wire: _Wire) -> Any:
     """An httpx transport that lets ``wire`` see the socket and counts (and caps) the bytes read."""
     import httpx
@@ -113,7 +123,7 @@ def _transport(wire: _Wire) -> Any:
             response.stream = CountedStream(response.stream)
             return response
 
-    return Transport()
+    return Transport(verify=_tls())
 
 
 @dataclass
