@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from browser_page import wait_for_text
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -113,9 +114,9 @@ def test_a_researcher_session(page, tmp_path):
     download.value.save_as(exported)
     assert '"ended_by": "turn_cap"' in exported.read_text()
     page.get_by_role("button", name="Reset", exact=True).click()
-    page.wait_for_function("() => !document.querySelector('#dialogue').innerText.includes('#1 ·')")
+    wait_for_text(page, "#dialogue", "#1 ·", absent=True)
     page.locator("#import-file input[type=file]").set_input_files(str(exported))
-    page.wait_for_function("() => document.querySelector('#dialogue').innerText.includes('#8 ·')", timeout=30_000)
+    wait_for_text(page, "#dialogue", "#8 ·", timeout=30_000)
     assert page.locator("#dialogue").inner_text() == finished
     page.screenshot(path=SHOTS / "04-reimported.png", full_page=True)
 
@@ -124,7 +125,7 @@ def test_stop_midway_keeps_the_dialogue_and_the_app_usable(page):
     page.get_by_role("button", name="Reset", exact=True).click()
     page.locator("#intent textarea").fill(INTENT)
     page.get_by_role("button", name="Auto-run", exact=True).click()
-    page.wait_for_function("() => document.querySelector('#dialogue').innerText.includes('#2 ·')", timeout=TURN_TIMEOUT)
+    wait_for_text(page, "#dialogue", "#2 ·", timeout=TURN_TIMEOUT)
     page.get_by_role("button", name="Stop", exact=True).click()
     page.get_by_text("Stopped. The dialogue so far is kept.").first.wait_for(timeout=60_000)
     kept = turns(page)
@@ -145,7 +146,7 @@ def test_html_and_an_open_fence_in_a_reply_are_shown_as_written(page):
     nasty = "<script>alert(1)</script><img src=x> then code:\n```\nunclosed <b>fence</b>"
     page.locator("#your-reply textarea").fill(nasty)
     page.get_by_role("button", name="Send", exact=True).click()
-    page.wait_for_function("() => document.querySelector('#dialogue').innerText.includes('#2 ·')", timeout=30_000)
+    wait_for_text(page, "#dialogue", "#2 ·", timeout=30_000)
     page.wait_for_timeout(500)
     shown = page.locator("#dialogue").inner_text()
     assert "<script>alert(1)</script><img src=x> then code:" in shown

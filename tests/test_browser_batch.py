@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from pathlib import Path
 
 import pytest
+from browser_page import wait_for_text
 from loopback_openai import LoopbackOpenAI
 from test_browser import SHOTS
 
@@ -62,8 +62,7 @@ def test_tick_two_intents_plan_start_watch_turns_stop_and_keep_what_finished(bat
         set_slider(page, "batch-samples", 2)
         set_slider(page, "batch-turns", 2)
         plan.get_by_text("2 intents (the ticked sample intents)").wait_for(timeout=30_000)
-        page.wait_for_function("() => document.querySelector('#batch-plan').innerText.includes('4 dialogues')",
-                               timeout=30_000)
+        wait_for_text(page, "#batch-plan", "4 dialogues", timeout=30_000)
         text = plan.inner_text()
         assert "at most 8 user turns" in text and re.search(r"estimated at most [\d.]+ (s|min|h)", text), text
         page.locator("#batch-assistant input").fill("openai")

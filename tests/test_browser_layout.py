@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from browser_page import wait_for_text
 from test_browser import CHROMIUM, INTENT, SHOTS, TURN_TIMEOUT, sync_api
 
 pytestmark = [pytest.mark.browser, pytest.mark.skipif(not CHROMIUM, reason="Debian's chromium is not installed")]
@@ -71,13 +72,12 @@ def test_desktop_shows_toggles_beside_the_dialogue_and_disables_controls_during_
 
     page.locator("#intent textarea").fill(INTENT)
     page.get_by_role("button", name="Auto-run", exact=True).click()
-    page.wait_for_function("() => document.querySelector('#banner').innerText.includes('Writing')", timeout=30_000)
+    wait_for_text(page, "#banner", "Writing", timeout=30_000)
     expect(step).to_be_disabled()
     expect(stop).to_be_enabled()
     expect(page.get_by_role("button", name="Undo last turn", exact=True)).to_be_disabled()
     page.screenshot(path=SHOTS / "layout-1440-running.png")
-    page.wait_for_function("() => document.querySelector('#dialogue').innerText.includes('#1 ·')",
-                           timeout=TURN_TIMEOUT)
+    wait_for_text(page, "#dialogue", "#1 ·", timeout=TURN_TIMEOUT)
     stop.click()
     page.get_by_text("Stopped. The dialogue so far is kept.").first.wait_for(timeout=60_000)
     expect(step).to_be_enabled(timeout=30_000)
@@ -92,7 +92,7 @@ def test_desktop_shows_toggles_beside_the_dialogue_and_disables_controls_during_
 
     # the chat box's own Clear button clears the dialogue, not just the view
     page.locator("#dialogue button[aria-label='Clear']").first.click()
-    page.wait_for_function("() => !document.querySelector('#dialogue').innerText.includes('#1 ·')")
+    wait_for_text(page, "#dialogue", "#1 ·", absent=True)
     expect(page.get_by_role("button", name="Undo last turn", exact=True)).to_be_disabled()  # nothing to undo
 
     # closing the tab releases what the session held (demo.unload)
@@ -119,7 +119,7 @@ def test_phone_puts_the_dialogue_first_and_charts_stack(browser, app_url):
     assert dialogue["width"] <= 400
     page.get_by_role("button", name="Example dialogues").click()
     page.locator("#gallery button").first.click()  # one click loads a finished dialogue
-    page.wait_for_function("() => document.querySelector('#dialogue').innerText.includes('#2 ·')", timeout=30_000)
+    wait_for_text(page, "#dialogue", "#2 ·", timeout=30_000)
     page.locator("#pend-plot .js-plotly-plot").wait_for()
     p_end, lengths = box(page, "#pend-plot"), box(page, "#lengths-plot")
     assert lengths["y"] >= p_end["y"] + p_end["height"] - 5  # stacked, not side by side

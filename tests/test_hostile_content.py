@@ -23,8 +23,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from browser_page import wait_for_text
 
-from usersim_ui.core.dialogue import Dialogue, GuardrailEvent, RejectedSample, Turn, dialogue_to_dict
+from usersim_ui.core.dialogue import (
+    Dialogue,
+    GuardrailEvent,
+    RejectedSample,
+    Turn,
+    dialogue_to_dict,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST_KEY = "sk-host-secret-never-for-visitors"
@@ -227,9 +234,8 @@ def run_scripted(jobs, out: Path, sim, backend_for=None, **kwargs):
     from usersim_ui.assistants.registry import BackendSpec, make_backend
     from usersim_ui.batch.runner import run_batch
     from usersim_ui.core.dialogue import SamplingSettings
-    from usersim_ui.core.transitions import RunSettings
-
     from usersim_ui.core.guardrails import parse_guardrails
+    from usersim_ui.core.transitions import RunSettings
 
     # no resampling guardrails: what is under test is the file handling, one short turn a dialogue
     settings = RunSettings(guardrails=parse_guardrails("off"), sampling=SamplingSettings(max_new_tokens=4), max_turns=1)
@@ -500,11 +506,9 @@ def test_an_imported_hostile_dialogue_fetches_nothing_and_shows_no_form_in_chrom
                 page.goto(url)
                 page.get_by_text("Export / import").click()
                 page.locator("#import-file input[type=file]").set_input_files(str(upload))
-                page.wait_for_function("() => document.querySelector('#dialogue').innerText.includes('T8')",
-                                       timeout=30_000)
+                wait_for_text(page, "#dialogue", "T8", timeout=30_000)
                 page.get_by_text("Transcript", exact=True).click()
-                page.wait_for_function("() => document.querySelector('#transcript-view').innerText.includes('T8')",
-                                       timeout=10_000)
+                wait_for_text(page, "#transcript-view", "T8", timeout=10_000)
                 page.wait_for_timeout(1000)
                 views = "#dialogue, #transcript-view"
                 live = page.locator(f":is({views}) :is(img, form, input, a[href], iframe, object, embed)").count()
