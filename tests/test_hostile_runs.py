@@ -451,7 +451,7 @@ def test_hostile_stop_ends_a_long_prompt_read_in_within_a_second(smollm2):
     try:
         with pytest.raises(GenerationCancelled):
             sample(model, prompt, stop_ids=[tok.eos_token_id], temperature=0.0, top_p=1.0, max_new_tokens=8, seed=0,
-                   stop_event=stop, on_token=lambda: tokens.append(1))
+                   stop_event=stop, on_step=lambda ids: tokens.append(1))
         took = time.perf_counter() - stopped_at[0]
     finally:
         for handle in handles:

@@ -64,10 +64,15 @@ def test_reply_from_a_real_openai_compatible_server(served_smollm2):
     backend = make_backend(BackendSpec(kind="openai", base_url=base_url, model=model, max_tokens=12,
                                        system_prompt="Answer in one short sentence."))
     dialogue = Dialogue(intent="x", turns=(Turn(role="user", text=MESSAGES[0]["content"]),))
-    out = assistant_turn(dialogue, backend, RunSettings())
+    drafts = []
+    out = assistant_turn(dialogue, backend, RunSettings(), on_draft=drafts.append)
     reply = out.turns[-1]
     assert reply.role == "assistant" and reply.text and reply.model_id == f"{model} @ {base_url}"
     assert 0 < reply.tokens <= 12 and reply.latency_s > 0
+    # the reply streamed: each draft extends the one before, the last is the reply
+    assert len(drafts) >= 2 and all(d.role == "assistant" for d in drafts)
+    assert all(b.text.startswith(a.text) and len(b.text) > len(a.text) for a, b in zip(drafts, drafts[1:]))
+    assert drafts[-1].text.strip() == reply.text
 
 
 def test_stop_during_a_streamed_reply(served_smollm2):

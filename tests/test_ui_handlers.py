@@ -31,6 +31,11 @@ def dialogues(gen) -> list[Dialogue]:
     return [out[0] for out in gen if isinstance(out[0], Dialogue)]
 
 
+def next_dialogue(gen) -> Dialogue:
+    """The next update that carries a dialogue (drafts of a turn being written carry none)."""
+    return next(out[0] for out in gen if isinstance(out[0], Dialogue))
+
+
 def test_settings_from_inputs_reads_every_box_and_names_the_bad_one():
     settings = settings_from_inputs(*SETTINGS)
     assert settings.guardrails.min_user_turns_before_end is None and settings.max_turns == 3
@@ -66,7 +71,7 @@ def test_refusals_change_no_output_and_log_one_line(tiny, caplog):
 def test_stop_between_turns_keeps_what_was_made(tiny):
     gen = events.run_turns(None, INTENT, Form.parse(SETTINGS, RESEARCHER[:1] + LOCAL[1:]), tiny, None, None)
     next(gen)  # the run has started (status shown)
-    first = next(gen)[0]
+    first = next_dialogue(gen)
     events.RUNS.stop(tiny)
     rest = dialogues(gen)
     assert len(first.turns) == 1 and rest[-1].turns == first.turns
@@ -75,7 +80,7 @@ def test_stop_between_turns_keeps_what_was_made(tiny):
 def test_a_guardrail_toggled_mid_run_applies_to_the_next_turn(tiny, smollm2):
     gen = events.run_turns(None, INTENT, Form.parse(SETTINGS, LOCAL), tiny, None, 3)
     next(gen)
-    first = next(gen)[0]
+    first = next_dialogue(gen)
     events.set_live_settings(tiny, settings_from_inputs(*SETTINGS[:5], False, *SETTINGS[6:]))
     last = dialogues(gen)[-1]
     assert first.turns[0].guardrail_settings.first_token_filter is True
@@ -144,3 +149,32 @@ def test_only_local_model_turns_take_a_gpu_slice(tiny, monkeypatch):
                                                                              add_special_tokens=False))
     finally:
         server.close()
+
+
+def test_a_turn_streams_into_the_chat_and_its_guardrail_story_folds_into_the_badge(tiny, monkeypatch):
+    """While a user turn is written the chat shows its text growing and a pending badge with the
+    guardrails' story so far (only the chat and the status line are sent); the accepted turn
+    replaces both, its badge holding the same rejections."""
+    from usersim_ui.app import streaming
+
+    monkeypatch.setattr(streaming, "DRAFT_EVERY_S", 0.001)  # every draft, not ~12 a second
+    # 40 tokens a sample; at most 2 words, so the tiny model's first sample is rejected and the
+    # retries (2, drawn together) are drawn as one batch
+    settings = [1.0, 0.8, 40, 0, 3, False, False, 0, True, 1, 2, False, 2]
+    outs = list(events.run_turns(None, INTENT, Form.parse(settings, RESEARCHER), tiny, "user", 1))
+    drafts = [o for o in outs if o[0] == SKIP and isinstance(o[1], list)]
+    assert len(drafts) >= 3
+    assert all(o[3:] == (SKIP,) * (events.N_VIEW - 3) for o in drafts)  # no chart is drawn per token
+    pending = [o[1][-1] for o in drafts]
+    assert all(m["metadata"]["status"] == "pending" and m["metadata"]["title"].startswith("#1 · writing")
+               for m in pending)
+    first_sample = [o[1][-2]["content"] for o in drafts if "writing sample 1" in o[1][-1]["metadata"]["title"]]
+    assert len({text for text in first_sample if text != "*…*"}) >= 2  # the text grew, token by token
+    retry = [o for o in drafts if "samples 2–3" in o[1][-1]["metadata"]["title"]]
+    assert retry and "sample 1 rejected: length" in retry[-1][1][-1]["content"]
+    assert "Sample 1 rejected: length" in retry[-1][2]  # the status line tells it too
+    final = outs[-1]
+    turn = final[0].turns[0]
+    assert [r.reason.split(":")[0] for r in turn.rejected][:1] == ["length"]
+    assert all(m.get("metadata", {}).get("status") != "pending" for m in final[1])
+    assert "rejected" in final[1][-1]["content"]  # the story folded into the accepted turn's badge

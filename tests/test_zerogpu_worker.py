@@ -16,6 +16,7 @@ import pytest
 from usersim_ui.app import zerogpu as gpu
 from usersim_ui.assistants.registry import BackendSpec
 from usersim_ui.core import transitions as engine
+from usersim_ui.core.protocols import Draft
 from usersim_ui.core.dialogue import Dialogue, GuardrailSettings, SamplingSettings
 from usersim_ui.core.errors import GenerationCancelled
 
@@ -73,6 +74,18 @@ def test_a_turn_made_in_the_forked_worker_is_the_turn_made_in_process(zerogpu, m
     assert forked.turns[0].p_end == pytest.approx(local.turns[0].p_end, rel=1e-6)
 
 
+def test_the_forked_worker_streams_the_turn_as_it_is_written(zerogpu):
+    """Drafts cross the process boundary while the turn is made: the text grows token by token
+    and the last draft is the text the turn keeps."""
+    settings = replace(long_turn_settings(), sampling=SamplingSettings(max_new_tokens=24, seed=5))
+    drafts: list[Draft] = []
+    made = gpu.run_model_turn(Dialogue(intent=INTENT), settings, BackendSpec(), 11, threading.Event(), drafts.append)
+    assert len(drafts) >= 3 and all(d.role == "user" and d.sample == 1 for d in drafts)
+    counts = [d.tokens for d in drafts if d.tokens]
+    assert counts == sorted(counts) and len(set(counts)) >= 3  # growing, not one final burst
+    assert drafts[-1].text == made.turns[0].text != ""
+
+
 def test_stop_ends_a_turn_in_the_forked_worker_within_a_token(zerogpu):
     ticks: list[float] = []
     stop = threading.Event()
@@ -80,8 +93,10 @@ def test_stop_ends_a_turn_in_the_forked_worker_within_a_token(zerogpu):
     started = time.perf_counter()
     made = 0
     for item in stream:  # what run_model_turn does, with the token counts kept to check the bound
+        if not isinstance(item, Draft):
+            continue  # a heartbeat between drafts
         ticks.append(time.perf_counter())
-        made = item
+        made = item.tokens
         if made >= 20 and not stop.is_set():
             stop.set()
             stopped_at = time.perf_counter()

@@ -8,8 +8,8 @@ from typing import Any
 
 import pandas as pd
 
-from usersim_ui.core.guardrails import REPORTED
 from usersim_ui.core.dialogue import Dialogue, Turn, count_words
+from usersim_ui.core.guardrails import REPORTED
 
 TURN_COLUMNS = ["turn", "role", "author", "words", "tokens", "p_end", "ends", "end_masked", "would_have_ended",
                 "resamples", "rejected_words", "truncated", "guardrails", "latency_s"]

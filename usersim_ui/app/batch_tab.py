@@ -38,8 +38,8 @@ from usersim_ui.batch.runner import (
     write_reports,
 )
 from usersim_ui.core.dialogue import SamplingSettings
-from usersim_ui.core.intents import SampleIntent, load_sample_intents
 from usersim_ui.core.guardrails import GUARDRAILS, parse_guardrails
+from usersim_ui.core.intents import SampleIntent, load_sample_intents
 
 GUARDRAIL_CHOICES = [g.name for g in GUARDRAILS]
 ASSISTANT_MAX_TOKENS = 128

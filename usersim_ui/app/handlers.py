@@ -25,6 +25,7 @@ from usersim_ui.analysis.safe_text import literal_line, literal_markdown
 from usersim_ui.analysis.transcript import badge_line, summary_text, to_markdown
 from usersim_ui.app.form import Form
 from usersim_ui.app.run_control import Run, RunControl, RunRefused
+from usersim_ui.app.streaming import DraftBox, with_drafts
 from usersim_ui.app.zerogpu import (
     USER_ERRORS,
     run_model_turn,
@@ -46,6 +47,7 @@ from usersim_ui.core.limits import (
     MAX_TURN_CHARS,
     MAX_TURNS,
 )
+from usersim_ui.core.protocols import Draft, OnDraft
 
 log = logging.getLogger("usersim_ui")
 EXPORT_ROOT = Path(tempfile.gettempdir()) / "usersim_exports"
@@ -213,6 +215,34 @@ def running_text(dialogue: Dialogue, settings: engine.RunSettings) -> str:
     return f"Writing {role} turn {number} of {settings.max_turns}…"
 
 
+def draft_messages(dialogue: Dialogue, draft: Draft) -> list[dict[str, Any]]:
+    """The chat with the turn being written after it: its text so far (shown literally, as a
+    finished turn's) and a pending badge with the guardrails' story so far, which becomes the
+    turn's badge once it is accepted."""
+    number = len(dialogue.turns) + 1
+    if draft.samples > 1:
+        text = f"*drawing samples {draft.sample}–{draft.sample + draft.samples - 1} together…*"
+    else:
+        text = (literal_markdown(draft.text) + " ▍") if draft.text else "*…*"
+    which = (f"sample {draft.sample}" if draft.samples == 1
+             else f"samples {draft.sample}–{draft.sample + draft.samples - 1}")
+    title = f"#{number} · writing {which}" + (f" · {draft.tokens} tokens" if draft.tokens else "")
+    body = "\n".join(f"- {literal_line(note)}" for note in draft.notes) or "No guardrail has acted yet."
+    return chat_messages(dialogue) + [
+        {"role": draft.role, "content": text},
+        {"role": draft.role, "content": body, "metadata": {"title": title, "status": "pending"}},
+    ]
+
+
+def draft_view(dialogue: Dialogue, draft: Draft, settings: engine.RunSettings) -> tuple[Any, ...]:
+    """The views while a turn is written: the chat and the status line (the charts wait for
+    the turn: drawing them costs ~0.25 s of CPU, too much to spend a dozen times a second)."""
+    status = running_text(dialogue, settings)
+    if draft.notes:
+        status += f" {draft.notes[-1][0].upper()}{draft.notes[-1][1:]}; drawing sample {draft.sample}."
+    return (gr.skip(), draft_messages(dialogue, draft), status) + tuple(gr.skip() for _ in range(N_VIEW - 3))
+
+
 # ---- model runs ----------------------------------------------------------------------------
 
 def begin(dialogue: Dialogue | None, intent: str) -> Dialogue:
@@ -231,19 +261,20 @@ def set_live_settings(session: str, settings: engine.RunSettings) -> None:
     RUNS.session_data(session)["settings"] = settings
 
 
-def turn_maker(spec: BackendSpec, run: Run, regenerate_from: Dialogue | None
+def turn_maker(spec: BackendSpec, run: Run, regenerate_from: Dialogue | None, on_draft: OnDraft | None = None
                ) -> Callable[[Dialogue, engine.RunSettings], Dialogue]:
     """One turn of a run: local-model turns through the GPU function and the model slot;
-    endpoint and researcher turns straight here (no GPU slice, no slot)."""
+    endpoint and researcher turns straight here (no GPU slice, no slot). ``on_draft`` hears
+    the turn as it is written."""
     def make(dialogue: Dialogue, settings: engine.RunSettings) -> Dialogue:
         if run.stop.is_set():
             raise GenerationCancelled("stopped between turns")
         # None: the engine's default, the seed scheme's seed for this position
         seed = engine.regeneration_seed(regenerate_from, settings) if regenerate_from is not None else None
         if not uses_local_model(dialogue, spec):
-            return engine.assistant_turn(dialogue, make_backend(spec), settings, run.stop, seed)
+            return engine.assistant_turn(dialogue, make_backend(spec), settings, run.stop, seed, on_draft)
         with RUNS.model_slot(run):
-            return run_model_turn(dialogue, settings, spec, seed, run.stop)
+            return run_model_turn(dialogue, settings, spec, seed, run.stop, on_draft)
     return make
 
 
@@ -301,9 +332,15 @@ def _run(run: Run, original: Dialogue, start: Dialogue, settings: engine.RunSett
         yield status_only(original, running=running_text(start, settings))
     else:
         yield render(original, running=running_text(start, settings))
+    box, drafted = DraftBox(), False
+    make = turn_maker(spec, run, original if regenerate else None, box.put)
     try:
-        for current in engine.run(start, turn_maker(spec, run, original if regenerate else None), now,
-                                  max_new_turns):
+        for item in with_drafts(lambda: engine.run(start, make, now, max_new_turns), box, run.stop):
+            if isinstance(item, Draft):  # the turn being written: the chat and the status line only
+                drafted = True
+                yield draft_view(current, item, now())
+                continue
+            current = item
             if not RUNS.commit(run, current):
                 raise GenerationCancelled("the session's dialogue changed under the run")
             yield render(current, running=None if current.ended_by else running_text(current, now()))
@@ -316,7 +353,7 @@ def _run(run: Run, original: Dialogue, start: Dialogue, settings: engine.RunSett
         notice = f"⚠ {message.rstrip('.')}. The dialogue so far is kept."
     kept = original if regenerate and current is start else current
     final = RUNS.finish(run, kept)
-    if unchanged and final == original:  # stopped or failed before its first turn: nothing to draw again
+    if unchanged and final == original and not drafted:  # stopped or failed before any token: nothing to redraw
         yield status_only(final, notice=notice if final is kept else None)
     else:
         yield render(final, notice=notice if final is kept else None)

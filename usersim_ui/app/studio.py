@@ -20,9 +20,9 @@ from usersim_ui.app.form import Form, number_input, settings_from_inputs
 from usersim_ui.app.mcp_tool import register as register_user_turn_tool
 from usersim_ui.app.zerogpu import simulator
 from usersim_ui.assistants.registry import PAGE_CHOICES
-from usersim_ui.core.guardrails import GUARDRAILS
 from usersim_ui.core import transitions as engine
 from usersim_ui.core.dialogue import Dialogue
+from usersim_ui.core.guardrails import GUARDRAILS
 from usersim_ui.core.intents import load_sample_intents
 from usersim_ui.core.limits import MAX_INTENT_CHARS, MAX_TURN_CHARS
 

@@ -3,8 +3,8 @@
 On a ZeroGPU Space ``@spaces.GPU`` runs :func:`model_turn_stream` in a forked, reused worker
 process: arguments and yields are pickled across; an Event made in the main process is a
 fork-time copy there. So the stop signal is made *inside* the worker, generation runs in a
-thread beside it, and the function yields a heartbeat per token (and every 20 ms between
-tokens, since the worker looks at its stop event only when the function yields). The main process
+thread beside it, and the function yields the turn's latest draft per token (and a heartbeat
+every 20 ms between tokens, since the worker looks at its stop event only when the function yields). The main process
 (:func:`run_model_turn`) checks its own Stop between heartbeats and closes the stream; closing
 sets the worker's stop event, the worker closes our generator at its next yield, and its
 ``finally`` stops ``generate()`` within one more token. Outside ZeroGPU the decorator is a
@@ -28,6 +28,7 @@ from usersim_ui.assistants.registry import BackendSpec, kind_of, make_backend
 from usersim_ui.core import transitions as engine
 from usersim_ui.core.dialogue import Dialogue
 from usersim_ui.core.errors import BackendError, ContextTooLong, GenerationCancelled
+from usersim_ui.core.protocols import Draft, OnDraft
 from usersim_ui.users.local import UserSimulator
 from usersim_ui.users.registry import default_simulator
 
@@ -71,50 +72,51 @@ def as_gradio_error(exc: BaseException) -> gr.Error:
 
 
 def _make_turn(dialogue: Dialogue, settings: engine.RunSettings, spec: BackendSpec, seed: int | None,
-               stop: threading.Event, on_token: "queue.SimpleQueue[object]") -> Dialogue:
-    tick = lambda: on_token.put(1)  # noqa: E731
+               stop: threading.Event, on_draft: OnDraft) -> Dialogue:
     if dialogue.next_role == "user":
-        return engine.user_turn(dialogue, simulator(), settings, stop, seed, tick)
-    return engine.assistant_turn(dialogue, make_backend(spec), settings, stop, seed, tick)
+        return engine.user_turn(dialogue, simulator(), settings, stop, seed, on_draft)
+    return engine.assistant_turn(dialogue, make_backend(spec), settings, stop, seed, on_draft)
 
 
 @spaces.GPU(duration=gpu_seconds)
 def model_turn_stream(dialogue: Dialogue, settings: engine.RunSettings, spec: BackendSpec,
-                      seed: int | None) -> Iterator[int | Dialogue]:
-    """One model turn: yields the number of tokens made so far after each token, then the new
-    dialogue. Plain data in and out, so that ZeroGPU can pickle it. ``seed`` None: the engine's
-    default for the turn's position."""
+                      seed: int | None) -> Iterator[Draft | None | Dialogue]:
+    """One model turn: yields the turn's latest :class:`Draft` whenever it changed (a token, a
+    new draw), ``None`` as a heartbeat between them, then the new dialogue. Plain data in and
+    out, so that ZeroGPU can pickle it. ``seed`` None: the engine's default for the turn's
+    position."""
     stop = threading.Event()  # made here: in a ZeroGPU worker, an Event from the main process never fires
-    ticks: queue.SimpleQueue[object] = queue.SimpleQueue()
+    drafts: queue.SimpleQueue[object] = queue.SimpleQueue()
     outcome: dict[str, object] = {}
 
     def work() -> None:
         try:
-            outcome["dialogue"] = _make_turn(dialogue, settings, spec, seed, stop, ticks)
+            outcome["dialogue"] = _make_turn(dialogue, settings, spec, seed, stop, drafts.put)
         except BaseException as exc:  # noqa: BLE001 - handed to the generator below
             outcome["error"] = exc
         finally:
-            ticks.put(_DONE)
+            drafts.put(_DONE)
 
     worker = threading.Thread(target=work, name="model-turn", daemon=True)
     worker.start()
-    made = 0
     try:
         while True:
             try:
-                item = ticks.get(timeout=HEARTBEAT_S)
+                item = drafts.get(timeout=HEARTBEAT_S)
             except queue.Empty:
-                yield made  # no new token yet (a long prefill, a slow step): still a chance to stop
+                yield None  # no new token yet (a long prefill, a slow step): still a chance to stop
                 continue
-            while item is not _DONE:  # coalesce heartbeats that queued up
-                made += 1
+            latest = None
+            while item is not _DONE:  # only the newest draft of those that queued up is worth sending
+                latest = item
                 try:
-                    item = ticks.get_nowait()
+                    item = drafts.get_nowait()
                 except queue.Empty:
                     break
+            if latest is not None:
+                yield latest  # type: ignore[misc]
             if item is _DONE:
                 break
-            yield made
     finally:
         stop.set()  # closed (Stop) or failed: generate() ends within one token
         worker.join()
@@ -127,8 +129,9 @@ def model_turn_stream(dialogue: Dialogue, settings: engine.RunSettings, spec: Ba
 
 
 def run_model_turn(dialogue: Dialogue, settings: engine.RunSettings, spec: BackendSpec, seed: int | None,
-                   stop: threading.Event) -> Dialogue:
-    """Drive :func:`model_turn_stream` from the main process; Stop closes it between two tokens."""
+                   stop: threading.Event, on_draft: OnDraft | None = None) -> Dialogue:
+    """Drive :func:`model_turn_stream` from the main process; Stop closes it between two tokens;
+    ``on_draft`` hears each draft the worker sends."""
     if stop.is_set():
         raise GenerationCancelled("stopped before the turn")
     stream = model_turn_stream(dialogue, settings, spec, seed)
@@ -138,6 +141,8 @@ def run_model_turn(dialogue: Dialogue, settings: engine.RunSettings, spec: Backe
                 raise GenerationCancelled("stopped during the turn")
             if isinstance(item, Dialogue):
                 return item
+            if item is not None and on_draft is not None:
+                on_draft(item)
     finally:
         stream.close()
     raise GenerationCancelled("the model turn ended without a result")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 from usersim_ui.assistants.base import with_system
 from usersim_ui.core.errors import BackendError
@@ -12,8 +12,8 @@ from usersim_ui.core.limits import (
     MAX_TURN_CHARS,
     check_context,
 )
-from usersim_ui.core.protocols import AssistantReply
-from usersim_ui.inference.generation import sample
+from usersim_ui.core.protocols import AssistantReply, OnDraft
+from usersim_ui.inference.generation import draft_stream, sample
 from usersim_ui.inference.model_loading import LoadedModel
 from usersim_ui.prompts.chat_ids import chat_stop_ids, chat_template_ids
 
@@ -38,13 +38,15 @@ class TransformersAssistant:
         return getattr(self.loaded.model.config, "max_position_embeddings", None)
 
     def reply(self, messages: Sequence[dict[str, str]], stop_event: threading.Event | None = None,
-              seed: int | None = None, on_token: Callable[[], None] | None = None) -> AssistantReply:
+              seed: int | None = None, on_draft: OnDraft | None = None) -> AssistantReply:
         prompt = chat_template_ids(self.loaded.tokenizer, with_system(self.system_prompt, messages),
                                    add_generation_prompt=True)
         check_context(len(prompt), self.max_new_tokens, self.context, f"the local assistant {self.name}")
-        result = sample(self.loaded.model, prompt, stop_ids=chat_stop_ids(self.loaded.tokenizer),
+        stops = chat_stop_ids(self.loaded.tokenizer)
+        result = sample(self.loaded.model, prompt, stop_ids=stops,
                         temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
-                        seed=self.seed if seed is None else seed, stop_event=stop_event, on_token=on_token)
+                        seed=self.seed if seed is None else seed, stop_event=stop_event,
+                        on_step=draft_stream(self.loaded.tokenizer, on_draft, "assistant", stops))
         new_ids = result.new_ids[0]
         text = self.loaded.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
         if not text:

@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from usersim_ui.assistants.base import stopped, with_system
 from usersim_ui.core.errors import BackendError, GenerationCancelled
@@ -27,7 +27,7 @@ from usersim_ui.core.limits import (
     BACKEND_READ_TIMEOUT_S,
     MAX_TURN_CHARS,
 )
-from usersim_ui.core.protocols import AssistantReply
+from usersim_ui.core.protocols import AssistantReply, Draft, OnDraft
 
 POLL_S = 0.05  # how often the caller looks at Stop and the clock while the endpoint is awaited
 CONNECT_TIMEOUT_S = 10.0  # a TCP connect that takes longer is a dead endpoint
@@ -151,7 +151,7 @@ class OpenAIAssistant:
         return f"{self.model} @ {self.base_url}"
 
     def reply(self, messages: Sequence[dict[str, str]], stop_event: threading.Event | None = None,
-              seed: int | None = None, on_token: Callable[[], None] | None = None) -> AssistantReply:
+              seed: int | None = None, on_draft: OnDraft | None = None) -> AssistantReply:
         if stopped(stop_event):
             raise GenerationCancelled("stopped")
         silence = _limit(self.timeout_s, "USERSIM_BACKEND_SILENCE_S", BACKEND_READ_TIMEOUT_S)
@@ -162,7 +162,7 @@ class OpenAIAssistant:
 
         def work() -> None:
             try:
-                outcome["reply"] = self._exchange(messages, seed, on_token, wire, silence)
+                outcome["reply"] = self._exchange(messages, seed, on_draft, wire, silence)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller below
                 outcome["error"] = exc
             finally:
@@ -191,7 +191,7 @@ class OpenAIAssistant:
             raise outcome["error"]
         return outcome["reply"]
 
-    def _exchange(self, messages: Sequence[dict[str, str]], seed: int | None, on_token: Callable[[], None] | None,
+    def _exchange(self, messages: Sequence[dict[str, str]], seed: int | None, on_draft: OnDraft | None,
                   wire: _Wire, silence: float) -> AssistantReply:
         """The HTTP exchange, in the worker thread: the reply, or the error to raise."""
         import httpx
@@ -224,8 +224,8 @@ class OpenAIAssistant:
                             break
                         parts.append(text)
                         chars += len(text)
-                        if on_token is not None:
-                            on_token()
+                        if on_draft is not None:  # the reply so far, as the page streams it
+                            on_draft(Draft("assistant", "".join(parts), len(parts)))
         except _TooBig:
             if not parts:
                 raise BackendError(f"{self.name} sent more than {self.max_bytes / 2**20:g} MB without a usable "

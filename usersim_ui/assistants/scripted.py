@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 from usersim_ui.assistants.base import stopped
 from usersim_ui.core.errors import BackendError, GenerationCancelled
-from usersim_ui.core.protocols import AssistantReply
+from usersim_ui.core.protocols import AssistantReply, OnDraft
 
 
 @dataclass
@@ -20,7 +20,7 @@ class ScriptedAssistant:
     author = "script"  # its turns are recorded as scripted, not as a model's
 
     def reply(self, messages: Sequence[dict[str, str]], stop_event: threading.Event | None = None,
-              seed: int | None = None, on_token: Callable[[], None] | None = None) -> AssistantReply:
+              seed: int | None = None, on_draft: OnDraft | None = None) -> AssistantReply:
         if stopped(stop_event):
             raise GenerationCancelled("stopped")
         index = sum(m["role"] == "assistant" for m in messages)

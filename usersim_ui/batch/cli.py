@@ -190,7 +190,11 @@ def _main(args: argparse.Namespace) -> int:
     model_lock = threading.Lock()
     replica_for: Callable[[Job], str | None] = lambda job: None
     if args.user_server:
-        from usersim_ui.users.remote import CompletionsUserSimulator, RoutedUser, replica_index
+        from usersim_ui.users.remote import (
+            CompletionsUserSimulator,
+            RoutedUser,
+            replica_index,
+        )
 
         urls = server_urls(args.user_server)
         tok, fmt = user_tokenizer_and_format(args.user_model)

@@ -20,7 +20,7 @@ from usersim_ui.core.dialogue import (
 )
 from usersim_ui.core.errors import DialogueOver, NeedsResearcher
 from usersim_ui.core.limits import MAX_INTENT_CHARS, MAX_TURNS, check_text
-from usersim_ui.core.protocols import AssistantBackend, UserModel
+from usersim_ui.core.protocols import AssistantBackend, OnDraft, UserModel
 from usersim_ui.core.seeds import regenerated_seed, turn_seed
 
 TokenCounter = Callable[[str], int]
@@ -79,7 +79,7 @@ def close_at_cap(dialogue: Dialogue, settings: RunSettings) -> Dialogue:
 
 def user_turn(dialogue: Dialogue, simulator: UserModel, settings: RunSettings,
               stop_event: threading.Event | None = None, seed: int | None = None,
-              on_token: Callable[[], None] | None = None) -> Dialogue:
+              on_draft: OnDraft | None = None) -> Dialogue:
     """The simulated user's next turn, made with the guardrails as they are set right now.
 
     ``seed``: the turn's exact seed (default: the seed scheme's for this position).
@@ -89,7 +89,7 @@ def user_turn(dialogue: Dialogue, simulator: UserModel, settings: RunSettings,
         raise ValueError("It is the assistant's turn: the last user turn has no reply yet.")
     seed = turn_seed(settings.sampling.seed, len(dialogue.turns)) if seed is None else seed
     turn = simulator.generate_turn(dialogue, settings.guardrails, settings.sampling, settings.context_budget,
-                                   stop_event, seed=seed, on_token=on_token)
+                                   stop_event, seed=seed, on_draft=on_draft)
     out = replace(dialogue.with_turn(turn), user_model=simulator.model_id,
                   context_trims=dialogue.context_trims + (turn.context_dropped_turns > 0))
     return replace(out, ended_by="user") if turn.ends_dialogue else out
@@ -97,7 +97,7 @@ def user_turn(dialogue: Dialogue, simulator: UserModel, settings: RunSettings,
 
 def assistant_turn(dialogue: Dialogue, backend: AssistantBackend | None, settings: RunSettings,
                    stop_event: threading.Event | None = None, seed: int | None = None,
-                   on_token: Callable[[], None] | None = None) -> Dialogue:
+                   on_draft: OnDraft | None = None) -> Dialogue:
     """The backend's reply; with no backend the researcher must type it."""
     dialogue = ensure_open(dialogue, settings)
     if dialogue.next_role != "assistant":
@@ -105,7 +105,7 @@ def assistant_turn(dialogue: Dialogue, backend: AssistantBackend | None, setting
     if backend is None:
         raise NeedsResearcher("You are the assistant: type the reply and press Send.")
     seed = turn_seed(settings.sampling.seed, len(dialogue.turns)) if seed is None else seed
-    reply = backend.reply(dialogue.messages(), stop_event, seed=seed, on_token=on_token)
+    reply = backend.reply(dialogue.messages(), stop_event, seed=seed, on_draft=on_draft)
     turn = Turn(role="assistant", text=reply.text, tokens=reply.tokens, words=count_words(reply.text),
                 author=getattr(backend, "author", "model"), model_id=reply.model_id,
                 latency_s=reply.latency_s, seed=seed, truncated=reply.truncated)
@@ -132,10 +132,10 @@ def researcher_turn(dialogue: Dialogue, text: str, settings: RunSettings,
 
 def next_turn(dialogue: Dialogue, simulator: UserModel, backend: AssistantBackend | None, settings: RunSettings,
               stop_event: threading.Event | None = None, seed: int | None = None,
-              on_token: Callable[[], None] | None = None) -> Dialogue:
+              on_draft: OnDraft | None = None) -> Dialogue:
     if dialogue.next_role == "user":
-        return user_turn(dialogue, simulator, settings, stop_event, seed, on_token)
-    return assistant_turn(dialogue, backend, settings, stop_event, seed, on_token)
+        return user_turn(dialogue, simulator, settings, stop_event, seed, on_draft)
+    return assistant_turn(dialogue, backend, settings, stop_event, seed, on_draft)
 
 
 def run(dialogue: Dialogue, make_turn: Callable[[Dialogue, RunSettings], Dialogue],

@@ -18,19 +18,38 @@ from transformers import (
 )
 
 from usersim_ui.core.errors import GenerationCancelled
+from usersim_ui.core.protocols import Draft, OnDraft
 from usersim_ui.inference.sampling import RowGroup, Sampler
+
+OnStep = Callable[[list[int]], None]  # hears the first row's new ids after each step
+
+
+def draft_stream(tokenizer: Any, on_draft: OnDraft | None, role: str, stop_ids: Sequence[int] = (),
+                 **fields: Any) -> OnStep | None:
+    """The ``on_step`` that turns the first row's ids into the :class:`Draft` the page shows
+    (decoded as the finished turn will be, cut at its first stop id: a finished row is padded
+    with one). ``fields``: the draft's other fields (sample numbers, guardrail notes)."""
+    if on_draft is None:
+        return None
+    stops = set(stop_ids)
+
+    def step(ids: list[int]) -> None:
+        end = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+        on_draft(Draft(role, tokenizer.decode(ids[:end], skip_special_tokens=True), end, **fields))
+    return step
 
 
 class StopOnEvent(StoppingCriteria):
-    """Lets another thread stop ``generate()`` between two tokens; ``on_token`` hears each step
-    (the GPU worker turns it into a heartbeat, so that Stop is seen within one token)."""
+    """Lets another thread stop ``generate()`` between two tokens; ``on_step`` hears the first
+    row's new ids after each step (the page streams them; the GPU worker's yields double as the
+    heartbeat at which it sees Stop)."""
 
-    def __init__(self, event: threading.Event, on_token: Callable[[], None] | None = None):
-        self.event, self.on_token = event, on_token
+    def __init__(self, event: threading.Event, on_step: OnStep | None = None, prompt_length: int = 0):
+        self.event, self.on_step, self.prompt_length = event, on_step, prompt_length
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        if self.on_token is not None:
-            self.on_token()
+        if self.on_step is not None:
+            self.on_step(input_ids[0, self.prompt_length:].tolist())
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
@@ -140,7 +159,7 @@ def sample(model: Any, prompt_ids: Sequence[int], *, stop_ids: Sequence[int], te
            max_new_tokens: int, seed: int, processors: Sequence[LogitsProcessor] = (),
            stop_event: threading.Event | None = None, pad_id: int | None = None, num_samples: int = 1,
            stopping: Sequence[StoppingCriteria] = (), keep_ids: Sequence[int] = (),
-           on_token: Callable[[], None] | None = None, past_key_values: Any = None,
+           on_step: OnStep | None = None, past_key_values: Any = None,
            return_cache: bool = False) -> Sample:
     """Sample ``num_samples`` continuations of one prompt in one batch (greedy at temperature 0,
     where one sample is all there is).
@@ -153,6 +172,7 @@ def sample(model: Any, prompt_ids: Sequence[int], *, stop_ids: Sequence[int], te
     ``prefix_cache``); only the rest is prefilled. It is used up (generate grows it); for
     ``num_samples > 1`` a per-row copy is made and the original is left as it was.
     ``return_cache``: hand back generate's cache (one sample only) so that it can be kept.
+    ``on_step``: hears the first row's new ids after each token (what streams to the page).
     """
     stop_event = stop_event or threading.Event()
     if stop_event.is_set():
@@ -183,7 +203,7 @@ def sample(model: Any, prompt_ids: Sequence[int], *, stop_ids: Sequence[int], te
             do_sample=False, temperature=None, top_p=None, top_k=None, max_new_tokens=max_new_tokens,
             eos_token_id=ends, pad_token_id=pad_id if pad_id is not None else stop_ids[0],
             logits_processor=LogitsProcessorList([*processors, *sampler]),
-            stopping_criteria=StoppingCriteriaList([StopOnEvent(stop_event, on_token), *stopping]),
+            stopping_criteria=StoppingCriteriaList([StopOnEvent(stop_event, on_step, len(prompt_ids)), *stopping]),
             return_dict_in_generate=True,
         )
     latency = time.perf_counter() - started

@@ -38,7 +38,7 @@ import copy
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Sequence
+from typing import Any, Generator, Sequence
 
 import torch
 from transformers import (
@@ -49,6 +49,7 @@ from transformers import (
 
 from usersim_ui.core.dialogue import Dialogue, GuardrailSettings, SamplingSettings, Turn
 from usersim_ui.core.errors import GenerationCancelled
+from usersim_ui.core.protocols import OnDraft
 from usersim_ui.inference.generation import FirstLogits, StopOnEvent
 from usersim_ui.inference.masks import RowEndSuppressor, RowFirstTokenFilter
 from usersim_ui.inference.prefix_cache import crop_to
@@ -280,7 +281,7 @@ class BatchedUsers:
 
     def generate_turn(self, dialogue: Dialogue, guardrails: GuardrailSettings, sampling: SamplingSettings,
                       context_budget: int = 2048, stop_event: threading.Event | None = None,
-                      seed: int | None = None, on_token: Callable[[], None] | None = None) -> Turn:
+                      seed: int | None = None, on_draft: OnDraft | None = None) -> Turn:
         settings = TurnSettings(guardrails, sampling, context_budget)
         return generate_user_turns(self.simulator, [dialogue], [settings], [seed], stop_event)[0]
 

@@ -21,10 +21,11 @@ import threading
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from usersim_ui.core.dialogue import Dialogue, GuardrailSettings, SamplingSettings, Turn
 from usersim_ui.core.errors import GenerationCancelled
+from usersim_ui.core.protocols import OnDraft
 from usersim_ui.users.batched import TurnSettings, generate_user_turns
 from usersim_ui.users.local import UserSimulator
 
@@ -76,18 +77,18 @@ class TurnBatcher:
 
     def generate_turn(self, dialogue: Dialogue, guardrails: GuardrailSettings, sampling: SamplingSettings,
                       context_budget: int = 2048, stop_event: threading.Event | None = None,
-                      seed: int | None = None, on_token: Callable[[], None] | None = None) -> Turn:
+                      seed: int | None = None, on_draft: OnDraft | None = None) -> Turn:
         """The turn :meth:`UserSimulator.generate_turn` makes, possibly batched with others.
 
         One thread at a time leads: it waits for the model and makes every turn waiting by
         then; the others sleep until their turn is made or the lead is free. A caller that
-        streams (``on_token``) gets the single-dialogue path: a batched call has no
+        streams (``on_draft``) gets the single-dialogue path: a batched call has no
         per-dialogue token events.
         """
-        if on_token is not None:
+        if on_draft is not None:
             with self._hold_model():
                 return self.simulator.generate_turn(dialogue, guardrails, sampling, context_budget, stop_event,
-                                                    seed, on_token)
+                                                    seed, on_draft)
         request = _Request(dialogue, TurnSettings(guardrails, sampling, context_budget), seed, stop_event)
         with self._changed:
             self._waiting.append(request)

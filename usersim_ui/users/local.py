@@ -12,12 +12,13 @@ import asyncio
 import copy
 import math
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from usersim_ui.core.dialogue import Dialogue, GuardrailSettings, SamplingSettings, Turn
-from usersim_ui.inference.generation import StopAfterWords, sample
+from usersim_ui.core.protocols import OnDraft
+from usersim_ui.inference.generation import OnStep, StopAfterWords, sample
 from usersim_ui.inference.masks import FirstTokenFilter, end_suppressor
 from usersim_ui.inference.model_loading import LoadedModel, load_smollm2, load_userlm
 from usersim_ui.inference.prefix_cache import PrefixCache, crop_to
@@ -110,9 +111,16 @@ class UserSimulator:
             processors.append(end_suppressor(plan.marker, plan.stop_ids))
         return processors
 
+    def _streamer(self, draw: Any, plan: TurnPlan, on_draft: OnDraft | None) -> OnStep | None:
+        """The draw's tokens as drafts for the page (a one-sample draw streams its text)."""
+        if on_draft is None:
+            return None
+        decode = lambda ids: self.rules.decode(ids, plan.stop_ids, plan.marker)  # noqa: E731 - as the turn will be
+        return lambda ids: on_draft(draw.draft(decode(ids)[0], len(ids)))
+
     def generate_turn(self, dialogue: Dialogue, guardrails: GuardrailSettings, sampling: SamplingSettings,
                       context_budget: int = 2048, stop_event: threading.Event | None = None,
-                      seed: int | None = None, on_token: Callable[[], None] | None = None) -> Turn:
+                      seed: int | None = None, on_draft: OnDraft | None = None) -> Turn:
         """The next user turn, resampled as the guardrails ask, with every decision recorded.
 
         The draws are :func:`users.turn.assemble`'s: the first sample alone; if a resampling
@@ -135,12 +143,15 @@ class UserSimulator:
         turns = assemble(self.rules, plan, self.model_id)
         draw = next(turns)
         while True:
+            if on_draft is not None:
+                on_draft(draw.draft())  # a new draw: the guardrails' notes so far, before its first token
             past = held if draw.first else (None if held is None else
                                             (held if draw.size > 1 else copy.deepcopy(held)))  # sample copies for >1
             result = sample(self.model, prompt, stop_ids=plan.stop_ids, temperature=sampling.temperature,
                             top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens, seed=draw.seed,
                             processors=processors, stop_event=stop_event, num_samples=draw.size, stopping=stopping,
-                            keep_ids=marker if len(marker) == 1 else (), on_token=on_token, past_key_values=past,
+                            keep_ids=marker if len(marker) == 1 else (), past_key_values=past,
+                            on_step=self._streamer(draw, plan, on_draft),
                             return_cache=store is not None and draw.first)
             self.last_prefilled_tokens += result.prefilled_tokens * draw.size
             first = None

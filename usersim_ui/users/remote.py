@@ -55,13 +55,14 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Sequence
+from typing import Any, Generator, Sequence
 
 import httpx
 
 from usersim_ui.core.dialogue import Dialogue, SamplingSettings, Turn
 from usersim_ui.core.errors import BackendError, GenerationCancelled
 from usersim_ui.core.guardrails import GuardrailSettings
+from usersim_ui.core.protocols import OnDraft
 from usersim_ui.prompts.formats import PromptFormat, UserLMFormat
 from usersim_ui.users.remote_wire import (
     Failed,
@@ -431,9 +432,9 @@ class CompletionsUserSimulator:
 
     def generate_turn(self, dialogue: Dialogue, guardrails: GuardrailSettings, sampling: SamplingSettings,
                       context_budget: int = 2048, stop_event: threading.Event | None = None,
-                      seed: int | None = None, on_token: Callable[[], None] | None = None,
+                      seed: int | None = None, on_draft: OnDraft | None = None,
                       headers: dict[str, str] | None = None) -> Turn:
-        """The next user turn (blocking). ``on_token`` is accepted for the contract; requests are
+        """The next user turn (blocking). ``on_draft`` is accepted for the contract; requests are
         not streamed, so it is not called. ``headers`` go with each of the turn's requests."""
         protocol = self.turn_protocol(dialogue, guardrails, sampling, context_budget, seed)
         started = time.perf_counter()

@@ -35,6 +35,7 @@ from usersim_ui.core.guardrails import (
     end_is_masked,
     rejection_reason,
 )
+from usersim_ui.core.protocols import Draft
 from usersim_ui.core.seeds import draw_seed, turn_seed
 from usersim_ui.prompts.first_tokens import banned_first_token_ids
 from usersim_ui.prompts.formats import PromptFormat
@@ -92,6 +93,13 @@ class Draw:
     size: int
     seed: int
     first: bool
+    drawn_before: int = 0  # samples this turn drew (and the guardrails rejected) before this draw
+    notes: tuple[str, ...] = ()  # why each of them was rejected, for the page's live progress
+
+    def draft(self, text: str = "", tokens: int = 0) -> Draft:
+        """What the page shows while this draw is made; a batch of retries shows no text (which
+        row will be kept is not known until the guardrails have judged them)."""
+        return Draft("user", text if self.size == 1 else "", tokens, self.drawn_before + 1, self.size, self.notes)
 
 
 @dataclass(frozen=True)
@@ -253,7 +261,9 @@ def assemble(rules: TurnRules, plan: TurnPlan, model_id: str) -> Generator[Draw,
     first: FirstStep | None = None
     latency = 0.0
     for round_no, size in enumerate(plan.rounds):
-        drawn = yield Draw(round_no, size, plan.draw_seed(round_no), first=first is None)
+        notes = tuple(f"sample {n} rejected: {c.reason}" for n, c in enumerate(candidates, 1))
+        drawn = yield Draw(round_no, size, plan.draw_seed(round_no), first=first is None,
+                           drawn_before=len(candidates), notes=notes)
         latency += drawn.latency_s
         first = first or drawn.first_step
         if len(drawn.samples) != size:
