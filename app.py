@@ -5,6 +5,7 @@ import os
 import spaces  # noqa: F401  - before torch: ZeroGPU patches CUDA on import
 
 from usersim_ui.app.studio import build_app, simulator
+from usersim_ui.app.style import STUDIO_CSS
 from usersim_ui.inference.memory import limit_malloc_growth
 
 if __name__ == "__main__":
@@ -13,7 +14,7 @@ if __name__ == "__main__":
     port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
     print(f"UserSim Studio: open http://localhost:{port}", flush=True)
     build_app().queue(default_concurrency_limit=1).launch(
-        server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"), server_port=port,
+        server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"), server_port=port, css=STUDIO_CSS,
         # USERSIM_MCP=1: also an MCP server at /gradio_api/mcp/ (README: "The simulated user as an MCP
         # tool"); otherwise gradio's own GRADIO_MCP_SERVER decides (off by default)
         mcp_server=True if os.environ.get("USERSIM_MCP") == "1" else None)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from usersim_ui.app.handlers import START_TEXT
 from loopback_openai import LoopbackOpenAI
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -93,7 +94,7 @@ def test_auto_run_through_the_api_gives_dialogue_charts_and_export(app_url):
     user_bubbles = [m for m in chat if m["role"] == "user" and not (m.get("metadata") or {}).get("title")]
     badges = [m["metadata"]["title"] for m in chat if (m.get("metadata") or {}).get("title")]
     assert "Dialogue over" in banner and len(user_bubbles) >= 1
-    assert badges[0].startswith("#1 · p_end")
+    assert badges[0].startswith("#1 · Simulated user · p_end")
     assert "Turn lengths" in json.dumps(lengths) and ("**Ended by the turn cap**" in summary or "**Ended by the simulated user" in summary) and "**Intent:**" in transcript
     record = dialogue_of(client)
     assert record["intent"] == INTENT and record["ended_by"] in {"user", "turn_cap"}
@@ -126,7 +127,7 @@ def test_reset_and_end_during_a_run_are_the_runs_last_word(app_url, trickle):
     job = submit(client, "/auto_run", **via(trickle), max_turns=5)
     wait_for_turns(client, 1)
     out = client.predict("A new intent after reset.", api_name="/reset")
-    assert "Press **Step**" in out[1]
+    assert out[1] == START_TEXT  # the fresh dialogue's status line
     job.result(timeout=60)
     time.sleep(0.5)
     assert dialogue_of(client) is None  # still reset after the run wound down

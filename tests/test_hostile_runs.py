@@ -29,6 +29,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from usersim_ui.app.handlers import START_TEXT
 from hostile_endpoint import HostileEndpoint
 from loopback_openai import LoopbackOpenAI
 
@@ -412,7 +413,7 @@ def test_hostile_end_during_the_first_turn_of_an_auto_run_ends_the_run(app_url):
         wait_until(lambda: session_in_flight(client))
         time.sleep(0.3)
         out = client.predict(api_name="/end_dialogue")  # not refused: there is a run to end
-        assert "Press **Step**" in out[1]
+        assert out[1] == START_TEXT
         job.result(timeout=10)
     assert not session_in_flight(client)
     time.sleep(0.5)
@@ -582,10 +583,14 @@ def test_hostile_the_page_still_gets_a_warning_toast_not_an_error(app_url):
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(app_url)
-            page.get_by_role("button", name="Step", exact=True).click()  # no intent: refused
-            toast = page.locator(".toast-body.warning", has_text="Write a task intent first")
+            assert not page.get_by_role("button", name="Step", exact=True).is_enabled()  # no intent yet
+            page.locator("#intent textarea").fill(INTENT)
+            page.get_by_label("Min words").fill("30")  # above the maximum (25): refused
+            page.get_by_label("Min words").blur()
+            page.get_by_role("button", name="Step", exact=True).click()
+            toast = page.locator(".toast-body.warning", has_text="Minimum words (30) is above maximum words")
             toast.wait_for(timeout=30_000)
             assert page.locator(".toast-body.error").count() == 0
-            assert "Press Step or Auto-run to start" in page.locator("#banner").inner_text()  # kept as it was
+            assert "to start" in page.locator("#banner").inner_text()  # kept as it was
         finally:
             browser.close()

@@ -105,18 +105,23 @@ def test_render_shows_text_literally_and_badges_apart():
     ))
     state, chat, banner, *_rest = events.render(dialogue)
     assert state is dialogue and "simulated user ended it" in banner
-    assert chat[1]["metadata"]["title"].startswith("#1 · p_end 0.200")
-    assert "too &lt;b&gt;long&lt;/b&gt; text" in chat[1]["content"]
-    shown = chat[2]["content"]
+    # each turn: its header (speaker and badge, folded details), then its text
+    assert chat[0]["metadata"]["title"].startswith("#1 · Simulated user · p_end 0.200")
+    assert "too &lt;b&gt;long&lt;/b&gt; text" in chat[0]["content"]
+    assert chat[1]["content"] == "a b c" and "metadata" not in chat[1]
+    shown = chat[3]["content"]
     assert "<script>" not in shown and "&lt;script&gt;" in shown and "&lt;img src=x&gt;" in shown
     assert shown.endswith("print('x')\n```")  # the open fence is closed inside the message
-    assert chat[3]["metadata"]["title"].startswith("#2 ·")  # the badge is its own message
-    assert "endconversation" in chat[-2]["content"]
+    assert chat[2]["metadata"]["title"].startswith("#2 · Assistant ·")  # the badge is its own message
+    assert "endconversation" in chat[-1]["content"]
 
 
 def test_buttons_that_cannot_act_are_disabled():
     empty = control_states(None, "local", 3, busy=False)
     assert empty["step"] and not empty["undo"] and not empty["export_jsonl"] and not empty["stop"]
+    no_intent = control_states(None, "local", 3, busy=False, intent="  ")  # the first paint: nothing to run on
+    assert not no_intent["step"] and not no_intent["auto_run"] and not no_intent["next_user_turn"]
+    assert control_states(None, "local", 3, busy=False, intent="You want a cake recipe.")["step"]
     waiting_for_you = Dialogue(intent="x", turns=(Turn("user", "hi there you"),))
     you = control_states(waiting_for_you, "researcher", 3, busy=False)
     assert you["send_reply"] and not you["next_assistant_turn"] and not you["step"] and not you["auto_run"]
@@ -165,16 +170,17 @@ def test_a_turn_streams_into_the_chat_and_its_guardrail_story_folds_into_the_bad
     drafts = [o for o in outs if o[0] == SKIP and isinstance(o[1], list)]
     assert len(drafts) >= 3
     assert all(o[3:] == (SKIP,) * (events.N_VIEW - 3) for o in drafts)  # no chart is drawn per token
-    pending = [o[1][-1] for o in drafts]
-    assert all(m["metadata"]["status"] == "pending" and m["metadata"]["title"].startswith("#1 · writing")
-               for m in pending)
-    first_sample = [o[1][-2]["content"] for o in drafts if "writing sample 1" in o[1][-1]["metadata"]["title"]]
+    pending = [o[1][-2] for o in drafts]  # the header of the turn being written, then its text
+    assert all(m["metadata"]["status"] == "pending" and m["metadata"]["title"].startswith(
+        "#1 (writing) · Simulated user · ") for m in pending)
+    first_sample = [o[1][-1]["content"] for o in drafts if o[1][-2]["metadata"]["title"].endswith(("sample 1", "tokens"))
+                    and "· sample 1" in o[1][-2]["metadata"]["title"]]
     assert len({text for text in first_sample if text != "*…*"}) >= 2  # the text grew, token by token
-    retry = [o for o in drafts if "samples 2–3" in o[1][-1]["metadata"]["title"]]
-    assert retry and "sample 1 rejected: length" in retry[-1][1][-1]["content"]
+    retry = [o for o in drafts if "samples 2–3" in o[1][-2]["metadata"]["title"]]
+    assert retry and "sample 1 rejected: length" in retry[-1][1][-2]["content"]
     assert "Sample 1 rejected: length" in retry[-1][2]  # the status line tells it too
     final = outs[-1]
     turn = final[0].turns[0]
     assert [r.reason.split(":")[0] for r in turn.rejected][:1] == ["length"]
     assert all(m.get("metadata", {}).get("status") != "pending" for m in final[1])
-    assert "rejected" in final[1][-1]["content"]  # the story folded into the accepted turn's badge
+    assert "rejected" in final[1][-2]["content"]  # the story folded into the accepted turn's badge

@@ -129,3 +129,16 @@ def literal_markdown(text: str) -> str:
 def literal_line(text: str) -> str:
     """One line of plain text (a badge, a title) as inert Markdown: no code, no line break."""
     return _inert(" ".join(_LINE_END.split(text)[::2]))
+
+
+_BACKSLASHED = re.compile(r"\\([!-/:-@\[-`{-~])")
+_CODE_TAG = re.compile(r"<code>(.*?)</code>")
+
+
+def plain_text(shown: str) -> str:
+    """The text a message shown by :func:`literal_markdown` stands for: what a researcher means
+    when they edit it in the chat (which hands back the Markdown). Exact for prose (backslash
+    escapes and entities undone, a code span back between backticks); a fenced block comes back
+    as its fence."""
+    text = _CODE_TAG.sub(lambda m: "`" + m.group(1) + "`", shown.strip("\n"))
+    return html.unescape(_BACKSLASHED.sub(r"\1", text))

@@ -39,7 +39,8 @@ def badge_line(turn: Turn) -> str:
     if turn.author == "researcher":
         parts.append("typed by researcher")
     if turn.edited:
-        parts.append("edited")
+        parts.append("edited: its guardrail record is of the text it replaced" if turn.guardrails or turn.rejected
+                     else "edited")
     return literal_line(" · ".join(parts))
 
 

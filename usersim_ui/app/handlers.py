@@ -52,6 +52,8 @@ from usersim_ui.core.protocols import Draft, OnDraft
 log = logging.getLogger("usersim_ui")
 EXPORT_ROOT = Path(tempfile.gettempdir()) / "usersim_exports"
 N_VIEW = 7  # state, chat, banner, lengths, p_end, summary, transcript
+START_TEXT = ("Write a task intent, or click a sample intent, to start: **Step** makes one exchange, "
+              "**Auto-run** goes on until the user ends it.")
 
 
 def _release_session(session: str, data: dict[str, object]) -> None:
@@ -159,23 +161,35 @@ def count_user_tokens(text: str) -> int:
 
 # ---- rendering -----------------------------------------------------------------------------
 
+SPEAKERS = {("user", "model"): "Simulated user", ("user", "researcher"): "User · typed by you",
+            ("assistant", "model"): "Assistant", ("assistant", "researcher"): "Assistant · typed by you",
+            ("assistant", "script"): "Assistant · scripted"}
+
+
+def speaker(role: str, author: str = "model") -> str:
+    """Who wrote a message, as its label in the chat says."""
+    return SPEAKERS.get((role, author), role.capitalize())
+
+
 def chat_messages(dialogue: Dialogue) -> list[dict[str, Any]]:
-    """Chat bubbles: each turn's text shown literally, then its badge line as a separate
-    folded message (title: the badge; body: guardrail decisions and rejected samples), so
-    nothing a turn contains can break its badge."""
+    """Chat bubbles, two per turn: first its header, a folded message whose title names the
+    speaker and gives the badge line (its body: guardrail decisions and rejected samples), then
+    the turn's text shown literally, so nothing a turn contains can break its badge, and an
+    edit in the chat edits only the text."""
     messages: list[dict[str, Any]] = []
     for number, turn in enumerate(dialogue.turns, 1):
         text = literal_markdown(turn.text) if turn.text else ""
         if turn.ends_dialogue:
             text = (text + "\n\n" if text else "") + "*⟨ends the conversation: `<|endconversation|>`⟩*"
-        messages.append({"role": turn.role, "content": text or "*(empty)*"})
         details = [f"- **{e.guardrail}** {e.action}: {literal_markdown(e.detail)}" for e in turn.guardrails]
         details += [f"- rejected (*{literal_line(r.reason)}*): {literal_markdown(r.text) or '(empty)'}"
                     for r in turn.rejected]
         if turn.seed is not None:
             details.append(f"- seed `{turn.seed}`")
+        title = f"#{number} · {speaker(turn.role, turn.author)} · {badge_line(turn)}"
         messages.append({"role": turn.role, "content": "\n".join(details) or "No guardrail acted.",
-                         "metadata": {"title": f"#{number} · {badge_line(turn)}", "status": "done"}})
+                         "metadata": {"title": title, "status": "done"}})
+        messages.append({"role": turn.role, "content": text or "*(empty)*"})
     return messages
 
 
@@ -199,7 +213,7 @@ def status_text(dialogue: Dialogue, running: str | None = None, notice: str | No
         return over_text(dialogue)
     if dialogue.turns:
         return f"Next: the **{dialogue.next_role}**'s turn."
-    return "Press **Step** or **Auto-run** to start."
+    return START_TEXT
 
 
 def render(dialogue: Dialogue, running: str | None = None, notice: str | None = None) -> tuple[Any, ...]:
@@ -216,21 +230,22 @@ def running_text(dialogue: Dialogue, settings: engine.RunSettings) -> str:
 
 
 def draft_messages(dialogue: Dialogue, draft: Draft) -> list[dict[str, Any]]:
-    """The chat with the turn being written after it: its text so far (shown literally, as a
-    finished turn's) and a pending badge with the guardrails' story so far, which becomes the
-    turn's badge once it is accepted."""
+    """The chat with the turn being written after it: a pending header with the guardrails'
+    story so far (it becomes the turn's badge once the turn is accepted), then the text so far,
+    shown literally as a finished turn's."""
     number = len(dialogue.turns) + 1
+    last = draft.sample + draft.samples - 1
     if draft.samples > 1:
-        text = f"*drawing samples {draft.sample}–{draft.sample + draft.samples - 1} together…*"
+        text = f"*drawing samples {draft.sample}–{last} together…*"
     else:
         text = (literal_markdown(draft.text) + " ▍") if draft.text else "*…*"
-    which = (f"sample {draft.sample}" if draft.samples == 1
-             else f"samples {draft.sample}–{draft.sample + draft.samples - 1}")
-    title = f"#{number} · writing {which}" + (f" · {draft.tokens} tokens" if draft.tokens else "")
+    which = f"sample {draft.sample}" if draft.samples == 1 else f"samples {draft.sample}–{last}"
+    title = (f"#{number} (writing) · {speaker(draft.role)} · {which}"
+             + (f" · {draft.tokens} tokens" if draft.tokens else ""))
     body = "\n".join(f"- {literal_line(note)}" for note in draft.notes) or "No guardrail has acted yet."
     return chat_messages(dialogue) + [
-        {"role": draft.role, "content": text},
         {"role": draft.role, "content": body, "metadata": {"title": title, "status": "pending"}},
+        {"role": draft.role, "content": text},
     ]
 
 
@@ -298,6 +313,10 @@ def run_turns(dialogue: Dialogue | None, intent: str, form: Form, session: str, 
             if regenerate:
                 if dialogue is None or not dialogue.turns:
                     raise ValueError("Nothing to regenerate yet.")
+                if shown is not None and shown.turns[-1:] != dialogue.turns[-1:]:
+                    # an edit, undo or fork came first: the turn Regenerate was pressed for is gone
+                    raise ValueError("The last turn changed after Regenerate was pressed; press it again to "
+                                     "regenerate the turn shown now.")
                 original, start = dialogue, engine.undo(dialogue)
             else:
                 original = start = begin(dialogue, intent)
@@ -311,7 +330,7 @@ def run_turns(dialogue: Dialogue | None, intent: str, form: Form, session: str, 
         yield refuse(str(exc), event, session)
 
 
-def _stopped_text(run: Run) -> str:
+def stopped_text(run: Run) -> str:
     if run.timed_out:
         return (f"Stopped: one run may last {RUNS.max_run_s / 60:g} minutes on this server. "
                 "The dialogue so far is kept; run again to go on.")
@@ -345,7 +364,7 @@ def _run(run: Run, original: Dialogue, start: Dialogue, settings: engine.RunSett
                 raise GenerationCancelled("the session's dialogue changed under the run")
             yield render(current, running=None if current.ended_by else running_text(current, now()))
     except GenerationCancelled:
-        notice = _stopped_text(run)
+        notice = stopped_text(run)
     except (gr.Error, *USER_ERRORS) as exc:
         message = exc.message if isinstance(exc, gr.Error) else str(exc)
         log.info("run ended early (session %s): %s", session[:8], message)

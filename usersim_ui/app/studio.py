@@ -7,17 +7,21 @@ that cannot apply is a toast, and every output stays as it was.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
 
 from usersim_ui.analysis.charts import guardrail_figure
+from usersim_ui.app import branches
 from usersim_ui.app import handlers as events
 from usersim_ui.app.batch_tab import build_batch_tab
+from usersim_ui.app.branches import FORK_DEFAULT, FORK_MAX
 from usersim_ui.app.examples import load_examples
 from usersim_ui.app.form import Form, number_input, settings_from_inputs
 from usersim_ui.app.mcp_tool import register as register_user_turn_tool
+from usersim_ui.app.style import STUDIO_CSS
 from usersim_ui.app.zerogpu import simulator
 from usersim_ui.assistants.registry import PAGE_CHOICES
 from usersim_ui.core import transitions as engine
@@ -57,6 +61,8 @@ class Page:
     chatbot: Any
     gallery: Any
     examples: list[Any]
+    intents: list[Any]  # the sample intents, offered by the empty chat
+    fork: Any  # ForkPanel
 
 
 # ---- layout --------------------------------------------------------------------------------
@@ -73,16 +79,9 @@ def _gallery() -> tuple[Any, list[Any]]:
 
 
 def _intent_panel() -> Any:
-    intent = gr.Textbox(label="Task intent", lines=3, max_length=MAX_INTENT_CHARS, elem_id="intent",
-                        placeholder="What the simulated user wants, e.g. 'You want to ...'")
-    intents = load_sample_intents()
-    with gr.Accordion("Sample intents", open=False):
-        for category in sorted({i.category for i in intents}):
-            members = [i for i in intents if i.category == category]
-            ds = gr.Dataset(components=[gr.Textbox(visible=False)], samples=[[i.title] for i in members],
-                            label=category, type="index", samples_per_page=10)
-            ds.click(lambda i, m=members: m[i].intent, [ds], [intent], api_name=False)
-    return intent
+    return gr.Textbox(label="Task intent", lines=2, max_length=MAX_INTENT_CHARS, elem_id="intent",
+                      placeholder="What the simulated user wants, e.g. 'You want to ...', or click a sample intent "
+                                  "in the dialogue box")
 
 
 ELEM_IDS = {"first_token": "g-first", "no_early_ending": "g-end", "length": "g-length", "repetition": "g-repeat"}
@@ -107,11 +106,13 @@ def _guardrail_panel() -> tuple[list[Any], list[Any]]:
     """One row per guardrail of the core's table: its switch, then its settings."""
     settings: list[Any] = []
     extras: list[Any] = []
-    with gr.Accordion("Guardrails (apply to the next turn)", open=True):
+    gr.Markdown("### Guardrails\nThey apply to the next turn, even during an auto-run.", elem_classes="side-head")
+    if True:
         for g in GUARDRAILS:
-            with gr.Row():
+            with gr.Group():
                 switch = gr.Checkbox(g.default, label=g.toggle, elem_id=ELEM_IDS.get(g.name, f"g-{g.name}"), info=g.help)
-                boxes, extra = _guardrail_settings(g.name)
+                with gr.Row():
+                    boxes, extra = _guardrail_settings(g.name)
             settings += [switch, *boxes]
             extras += extra
     return settings, extras
@@ -146,51 +147,81 @@ def _assistant_panel(assistant_max_tokens: int) -> tuple[list[Any], Any]:
     return [kind, system_prompt, temperature, max_tokens, base_url, model_name, api_key], openai_box
 
 
-def _dialogue_panel() -> tuple[Any, Any, dict[str, Any], Any, Any, Any, Any]:
-    chatbot = gr.Chatbot(label="Dialogue", height=480, elem_id="dialogue", buttons=["copy"], sanitize_html=True)
-    banner = gr.Markdown("Press **Step** or **Auto-run** to start.", elem_id="banner")
+def _dialogue_panel(intents: list[Any]) -> tuple[Any, Any, dict[str, Any], Any, Any, Any, Any, Any]:
+    """The chat (an empty one offers the sample intents: one click starts a dialogue), the
+    status line, the run controls, the researcher's reply box, the fork and the edit form."""
+    chatbot = gr.Chatbot(label="Dialogue", height=400, elem_id="dialogue", buttons=["copy"], sanitize_html=True,
+                         editable="all", examples=[{"text": i.title} for i in intents],
+                         placeholder="**Pick a sample intent** (one click starts a dialogue), or write your own "
+                                     "intent above and press **Step**.")
+    banner = gr.Markdown(events.START_TEXT, elem_id="banner")
     buttons: dict[str, Any] = {}
-    with gr.Row():
-        buttons["next_user_turn"] = gr.Button("Next user turn")
-        buttons["next_assistant_turn"] = gr.Button("Next assistant turn")
-        buttons["step"] = gr.Button("Step", variant="primary")
-        buttons["auto_run"] = gr.Button("Auto-run", variant="primary")
-        buttons["stop"] = gr.Button("Stop", variant="secondary", interactive=False, elem_id="stop")
-    with gr.Row():
-        buttons["undo"] = gr.Button("Undo last turn", size="sm")
-        buttons["regenerate"] = gr.Button("Regenerate last turn", size="sm")
-        buttons["end_dialogue"] = gr.Button("End dialogue", size="sm")
-        buttons["reset"] = gr.Button("Reset", size="sm")
+    with gr.Row(elem_id="run-controls"):
+        buttons["step"] = gr.Button("Step", variant="primary", min_width=90)
+        buttons["auto_run"] = gr.Button("Auto-run", variant="primary", min_width=90)
+        buttons["stop"] = gr.Button("Stop", variant="secondary", interactive=False, elem_id="stop", min_width=90)
+    with gr.Row(elem_id="turn-controls"):
+        buttons["next_user_turn"] = gr.Button("Next user turn", size="sm", min_width=90)
+        buttons["next_assistant_turn"] = gr.Button("Next assistant turn", size="sm", min_width=90)
+        buttons["undo"] = gr.Button("Undo last turn", size="sm", min_width=90)
+        buttons["regenerate"] = gr.Button("Regenerate last turn", size="sm", min_width=90)
+        buttons["end_dialogue"] = gr.Button("End dialogue", size="sm", min_width=90)
+        buttons["reset"] = gr.Button("Reset", size="sm", min_width=90)
+        buttons["fork"] = gr.Button("What else could the user say here?", size="sm", elem_id="fork", min_width=90)
     with gr.Row(visible=False) as you_box:
         your_reply = gr.Textbox(label="Your reply as the assistant", scale=4, elem_id="your-reply",
                                 max_length=MAX_TURN_CHARS)
         buttons["send_reply"] = gr.Button("Send", scale=1)
-    with gr.Accordion("Edit a turn", open=False):
+    fork = _fork_panel(buttons)
+    with gr.Accordion("Edit a turn by number (or edit its text in the chat)", open=False):
         with gr.Row():
             edit_no = gr.Number(1, label="Turn #", precision=0, minimum=1, scale=1)
             edit_text = gr.Textbox(label="New text", scale=4, max_length=MAX_TURN_CHARS)
-            buttons["edit_turn"] = gr.Button("Apply edit", scale=1)
-    return chatbot, banner, buttons, you_box, your_reply, edit_no, edit_text
+            buttons["edit_turn"] = gr.Button("Apply edit and continue from it", scale=1)
+    return chatbot, banner, buttons, you_box, your_reply, edit_no, edit_text, fork
+
+
+@dataclass
+class ForkPanel:
+    box: Any
+    at: Any
+    n: Any
+    choices: Any
+
+
+def _fork_panel(buttons: dict[str, Any]) -> ForkPanel:
+    """A fork: N next user turns from the same prefix, side by side, each with its P(end) and
+    what the guardrails did; the researcher continues from any of them."""
+    with gr.Accordion("What else could the user say here?", open=False, elem_id="fork-box") as box:
+        with gr.Row():
+            at = gr.Number(None, label="At turn # (empty: the next user turn, else the last)", precision=0,
+                           minimum=1, elem_id="fork-at")
+            n = gr.Slider(2, FORK_MAX, FORK_DEFAULT, step=1, label="Alternatives (one batched call)", elem_id="fork-n")
+        choices = gr.Radio([], label="Alternatives: text · P(end) · guardrails", elem_id="fork-choices")
+        buttons["continue_fork"] = gr.Button("Continue from this one", elem_id="continue-fork")
+    return ForkPanel(box, at, n, choices)
 
 
 def _charts_panel(state: Any) -> tuple[Any, Any, Any]:
+    p_end_plot = gr.Plot(label="P(end)", show_label=False, elem_id="pend-plot")
     summary_md = gr.Markdown(elem_id="summary")
-    with gr.Row():
-        p_end_plot = gr.Plot(label="P(end)", show_label=False, elem_id="pend-plot", min_width=360)
-        guard_plot = gr.Plot(label="Guardrails", show_label=False, elem_id="guardrail-plot", min_width=360)
-        lengths_plot = gr.Plot(label="Turn lengths", show_label=False, elem_id="lengths-plot", min_width=360)
+    guard_plot = gr.Plot(label="Guardrails", show_label=False, elem_id="guardrail-plot")
+    lengths_plot = gr.Plot(label="Turn lengths", show_label=False, elem_id="lengths-plot")
     # derived from the state, so that the API's outputs stay as they were
     state.change(lambda d: guardrail_figure(d or Dialogue(intent="")), [state], [guard_plot], api_name=False,
                  queue=False)
     return summary_md, lengths_plot, p_end_plot
 
 
-def _export_panel() -> tuple[Any, Any, Any, Any]:
+def _export_panel() -> tuple[Any, Any, Any]:
     with gr.Accordion("Export / import", open=False):
-        with gr.Row():
-            export_button = gr.Button("Export JSONL")
-            export_file = gr.File(label="Download", interactive=False, elem_id="export-file")
-            import_file = gr.File(label="Import JSONL", file_types=[".jsonl", ".json"], elem_id="import-file")
+        export_button = gr.Button("Export JSONL")
+        export_file = gr.File(label="Download", interactive=False, elem_id="export-file")
+        import_file = gr.File(label="Import JSONL", file_types=[".jsonl", ".json"], elem_id="import-file")
+    return export_button, export_file, import_file
+
+
+def _transcript_panel() -> Any:
     with gr.Accordion("Transcript", open=False):
         transcript_view = gr.Markdown(elem_id="transcript-view")
         with gr.Accordion("Raw Markdown", open=False):
@@ -198,37 +229,48 @@ def _export_panel() -> tuple[Any, Any, Any, Any]:
             transcript = gr.Textbox(label="Transcript (Markdown)", lines=6, buttons=["copy"], elem_id="transcript",
                                     interactive=False)
     transcript.change(lambda text: text, [transcript], [transcript_view], api_name=False, queue=False)
-    return export_button, export_file, import_file, transcript
+    return transcript
 
 
 def _layout(max_new_tokens: int, assistant_max_tokens: int, max_turns: int) -> Page:
+    """The story on one screen: at 1440x900 the intent, the dialogue, the run controls and the
+    P(end) chart are visible together; the settings live in a sidebar (collapsed on a phone,
+    where the intent, the dialogue and the controls come first, the charts after)."""
     state = gr.State(None)
-    gr.Markdown("# UserSim Studio\nWatch, steer and measure dialogues between a simulated user and an assistant.")
+    with gr.Sidebar(label="Settings", open=True, width=340, elem_id="settings"):
+        guardrails, extra = _guardrail_panel()
+        sampling = _sampling_panel(max_new_tokens, max_turns)
+        backend, openai_box = _assistant_panel(assistant_max_tokens)
+        gallery, examples = _gallery()
+        buttons_export, export_file, import_file = _export_panel()
     info = gr.Markdown(model_info(), elem_id="model-info")
-    with gr.Row():
-        with gr.Column(scale=3, min_width=380):
-            chatbot, banner, buttons, you_box, your_reply, edit_no, edit_text = _dialogue_panel()
-        with gr.Column(scale=2, min_width=320):
+    with gr.Row(equal_height=False, elem_id="story"):
+        with gr.Column(scale=3, min_width=360, elem_id="main-column"):
             intent = _intent_panel()
-            gallery, examples = _gallery()
-            guardrails, extra = _guardrail_panel()
-            sampling = _sampling_panel(max_new_tokens, max_turns)
-            backend, openai_box = _assistant_panel(assistant_max_tokens)
-    summary_md, lengths_plot, p_end_plot = _charts_panel(state)
-    buttons["export_jsonl"], export_file, import_file, transcript = _export_panel()
+            intents = load_sample_intents()
+            chatbot, banner, buttons, you_box, your_reply, edit_no, edit_text, fork = _dialogue_panel(intents)
+        with gr.Column(scale=2, min_width=320, elem_id="chart-column"):
+            summary_md, lengths_plot, p_end_plot = _charts_panel(state)
+    transcript = _transcript_panel()
+    buttons["export_jsonl"] = buttons_export
+    for name, on in control_states(None, "local", max_turns, busy=False, intent="").items():
+        buttons[name].interactive = on  # right from the first paint, before any event has run
     temperature, top_p, new_tokens, seed, turn_cap = sampling
     settings = [temperature, top_p, new_tokens, seed, turn_cap, *guardrails]
     view = [state, chatbot, banner, lengths_plot, p_end_plot, summary_md, transcript]
     return Page(state, intent, settings, backend, extra, view, buttons, your_reply, edit_no, edit_text, export_file,
-                import_file, openai_box, you_box, info, chatbot, gallery, examples)
+                import_file, openai_box, you_box, info, chatbot, gallery, examples, intents, fork)
 
 
 # ---- controls ------------------------------------------------------------------------------
 
-def control_states(dialogue: Dialogue | None, kind: str, max_turns: float | None, busy: bool) -> dict[str, bool]:
-    """Which buttons can act now: none but Stop, End and Reset while a run is in flight."""
+def control_states(dialogue: Dialogue | None, kind: str, max_turns: float | None, busy: bool,
+                   intent: str | None = None) -> dict[str, bool]:
+    """Which buttons can act now: none but Stop, End and Reset while a run is in flight; nothing
+    that makes a turn before there is an intent (``intent``: the box; None: not known, allowed)."""
     dialogue = dialogue or Dialogue(intent="")
     has_turns = bool(dialogue.turns)
+    no_intent = not has_turns and intent is not None and not intent.strip()
     try:
         open_ = not engine.ensure_open(dialogue, engine.RunSettings(max_turns=int(max_turns or 1))).ended_by
     except engine.DialogueOver:
@@ -240,8 +282,10 @@ def control_states(dialogue: Dialogue | None, kind: str, max_turns: float | None
         "step": open_ and (user_next or not you), "auto_run": open_ and (user_next or not you),
         "send_reply": open_ and you, "undo": has_turns, "regenerate": has_turns, "edit_turn": has_turns,
         "end_dialogue": has_turns and not dialogue.ended_by, "reset": True, "export_jsonl": has_turns,
-        "stop": False,
+        "stop": False, "fork": has_turns or not no_intent, "continue_fork": has_turns or not no_intent,
     }
+    if no_intent:
+        states.update(next_user_turn=False, step=False, auto_run=False)
     if busy:
         states = {name: name in ("stop", "end_dialogue", "reset", "export_jsonl") for name in states}
     return states
@@ -250,19 +294,21 @@ def control_states(dialogue: Dialogue | None, kind: str, max_turns: float | None
 def _controls(page: Page) -> Any:
     names = list(page.buttons)
 
-    def updates(dialogue: Dialogue | None, kind: str, max_turns: float | None, busy: bool) -> list[Any]:
-        states = control_states(dialogue, kind, max_turns, busy)
+    def updates(dialogue: Dialogue | None, kind: str, max_turns: float | None, busy: bool,
+                intent: str | None = None) -> list[Any]:
+        states = control_states(dialogue, kind, max_turns, busy, intent)
         return [gr.update(interactive=states[n], variant="stop" if busy else "secondary") if n == "stop"
                 else gr.update(interactive=states[n]) for n in names]
 
-    def update(dialogue: Dialogue | None, kind: str, max_turns: float | None, request: gr.Request) -> list[Any]:
-        return updates(dialogue, kind, max_turns, events.RUNS.in_flight(events.session_of(request)))
+    def update(dialogue: Dialogue | None, kind: str, max_turns: float | None, intent: str | None,
+               request: gr.Request) -> list[Any]:
+        return updates(dialogue, kind, max_turns, events.RUNS.in_flight(events.session_of(request)), intent)
 
     def lock() -> list[Any]:  # on click, before the run has registered: already as during a run
         return updates(None, "local", None, busy=True)
 
     outputs = [page.buttons[n] for n in names]
-    refresh_inputs = [page.state, page.backend[0], page.settings[4]]
+    refresh_inputs = [page.state, page.backend[0], page.settings[4], page.intent]
     return update, lock, outputs, refresh_inputs
 
 
@@ -301,6 +347,46 @@ def _wire_runs(page: Page, update: Any, lock: Any, outputs: list[Any], refresh_i
             concurrency_id="runs", concurrency_limit=events.RUNS.max_runs + 4,
         ).then(update, refresh_inputs, outputs, queue=False, api_name=False)
 
+    def start_sample(request: gr.Request, picked: gr.SelectData, dialogue, intent_text, *values):
+        """One click on a sample intent: it fills the box and, on an empty dialogue, makes the
+        first exchange (a dialogue with turns is kept: its intent is fixed; Reset to use the new one)."""
+        chosen = page.intents[int(picked.index)].intent
+        session = events.session_of(request)
+        latest = events.RUNS.dialogue(session, dialogue)
+        if latest is not None and latest.turns:
+            yield events.notice_only("Intent set. Press **Reset** to start a new dialogue with it; the dialogue "
+                                     "shown stays until then.") + (chosen,)
+            return
+        for out in handler(None, 2, False, "sample_intent")(request, dialogue, chosen, *values):
+            yield (*out, chosen)
+
+    page.chatbot.example_select(clicked, None, outputs, queue=False, api_name=False).then(
+        start_sample, inputs, page.view + [page.intent], api_name=False,
+        concurrency_id="runs", concurrency_limit=events.RUNS.max_runs + 4,
+    ).then(update, refresh_inputs, outputs, queue=False, api_name=False)
+
+    def draw_fork(request: gr.Request, dialogue, intent_text, at, n, *values):
+        session = events.session_of(request)
+        try:
+            form = Form.parse(values[:n_set], values[n_set:n_set + n_back], values[n_set + n_back:])
+        except ValueError as exc:
+            events.refuse(str(exc), "fork", session)
+            yield gr.skip(), gr.skip()
+            return
+        yield from branches.draw_fork(dialogue, intent_text, at, n, form.settings, session,
+                                      events.visitor_of(request))
+
+    fork = page.fork
+    page.buttons["fork"].click(lambda: [*lock(), gr.update(open=True)], None, outputs + [fork.box], queue=False,
+                               api_name=False).then(
+        draw_fork, [page.state, page.intent, fork.at, fork.n, *inputs[2:]], [fork.choices, page.view[2]],
+        api_name="fork", concurrency_id="runs", concurrency_limit=events.RUNS.max_runs + 4,
+    ).then(update, refresh_inputs, outputs, queue=False, api_name=False)
+
+    def continue_fork(request: gr.Request, dialogue, choice):
+        return branches.continue_fork(dialogue, choice, events.session_of(request))
+    page.buttons["continue_fork"].click(continue_fork, [page.state, fork.choices], page.view, api_name="continue_fork")
+
     def stop(request: gr.Request) -> None:
         events.RUNS.stop(events.session_of(request))
     page.buttons["stop"].click(stop, None, None, api_name="stop", queue=False)
@@ -309,17 +395,23 @@ def _wire_runs(page: Page, update: Any, lock: Any, outputs: list[Any], refresh_i
 def _wire_edits(page: Page) -> None:
     events.checked_numbers([page.edit_no])
 
-    def quick(event: str, while_running: str, transition: Any):
-        def handler(request: gr.Request, dialogue, *args):
-            session = events.session_of(request)
-            return events.guarded(event, session, dialogue, lambda latest: transition(latest, *args), while_running)
-        return handler
+    def undo(request: gr.Request, dialogue):
+        return branches.undo(dialogue, events.session_of(request))
+    page.buttons["undo"].click(undo, [page.state], page.view, api_name="undo")
 
-    page.buttons["undo"].click(quick("undo", "Undo", engine.undo), [page.state], page.view, api_name="undo")
-    page.buttons["edit_turn"].click(
-        quick("edit_turn", "Editing a turn", lambda d, n, t: engine.edit_turn(
-            d, int(number_input(n, "Turn #", 1, 10**6)) - 1, t, events.count_user_tokens)),
-        [page.state, page.edit_no, page.edit_text], page.view, api_name="edit_turn")
+    def edit(request: gr.Request, dialogue, number, text):
+        session = events.session_of(request)
+        try:
+            number = int(number_input(number, "Turn #", 1, 10**6))
+        except ValueError as exc:
+            return events.refuse(str(exc), "edit_turn", session)
+        return branches.edit_and_continue(dialogue, number, text or "", session, events.count_user_tokens)
+    page.buttons["edit_turn"].click(edit, [page.state, page.edit_no, page.edit_text], page.view, api_name="edit_turn")
+
+    def edit_in_chat(request: gr.Request, dialogue, data: gr.EditData):
+        return branches.edit_in_chat(dialogue, data.index if isinstance(data.index, int) else data.index[0],
+                                     str(data.value), events.session_of(request), events.count_user_tokens)
+    page.chatbot.edit(edit_in_chat, [page.state], page.view, api_name=False)
 
     def end(request: gr.Request, dialogue):
         return events.end_dialogue(dialogue, events.session_of(request))
@@ -372,11 +464,23 @@ def _wire_settings(page: Page) -> None:
     page.backend[0].change(show_backend, [page.backend[0]], [page.openai_box, page.you_box], api_name=False)
 
 
+# On a phone the settings sidebar would cover the page: it starts closed there (its toggle opens it).
+CLOSE_SIDEBAR_ON_PHONE = """() => {
+  const side = document.querySelector('#settings');
+  if (window.innerWidth < 769 && side && side.classList.contains('open')) side.querySelector('.toggle-button').click();
+}"""
+
+
 def build_app(max_new_tokens: int = 64, assistant_max_tokens: int = 256, max_turns: int = 6) -> gr.Blocks:
     """The page; the arguments set the initial slider values (short user turns keep a CPU demo brisk)."""
     # Exported files and uploads in gradio's cache are deleted an hour after they were made.
     events.configure_logging()  # refusals and failed runs are printed where the host sees them
-    with gr.Blocks(title="UserSim Studio", delete_cache=(600, 3600)) as demo:
+    with warnings.catch_warnings():
+        # Gradio 6 takes css at launch(); given here it is still used by any launch() that passes
+        # none (tests, the soak), so every launch of this page looks the same. app.py passes it too.
+        warnings.simplefilter("ignore", UserWarning)
+        demo = gr.Blocks(title="UserSim Studio", delete_cache=(600, 3600), css=STUDIO_CSS)
+    with demo:
         with gr.Tab("Studio"):
             page = _layout(max_new_tokens, assistant_max_tokens, max_turns)
         with gr.Tab("Batch runs"):
@@ -386,9 +490,10 @@ def build_app(max_new_tokens: int = 64, assistant_max_tokens: int = 256, max_tur
         _wire_edits(page)
         _wire_files(page)
         _wire_settings(page)
-        for trigger in (page.state.change, page.backend[0].change, page.settings[4].change):
+        for trigger in (page.state.change, page.backend[0].change, page.settings[4].change, page.intent.change):
             trigger(update, refresh_inputs, outputs, queue=False, api_name=False)
         demo.load(lambda: model_info(), None, [page.info], api_name=False)
+        demo.load(None, None, None, js=CLOSE_SIDEBAR_ON_PHONE)
         register_user_turn_tool()  # /simulated_user_turn: an API endpoint, an MCP tool with USERSIM_MCP=1
 
         def release(request: gr.Request) -> None:

@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import gradio as gr
 import spaces
 
 from usersim_ui.assistants.registry import BackendSpec, kind_of, make_backend
 from usersim_ui.core import transitions as engine
-from usersim_ui.core.dialogue import Dialogue
+from usersim_ui.core.dialogue import Dialogue, Turn
 from usersim_ui.core.errors import BackendError, ContextTooLong, GenerationCancelled
 from usersim_ui.core.protocols import Draft, OnDraft
+from usersim_ui.users.batched import alternative_turns
 from usersim_ui.users.local import UserSimulator
 from usersim_ui.users.registry import default_simulator
 
@@ -78,20 +79,17 @@ def _make_turn(dialogue: Dialogue, settings: engine.RunSettings, spec: BackendSp
     return engine.assistant_turn(dialogue, make_backend(spec), settings, stop, seed, on_draft)
 
 
-@spaces.GPU(duration=gpu_seconds)
-def model_turn_stream(dialogue: Dialogue, settings: engine.RunSettings, spec: BackendSpec,
-                      seed: int | None) -> Iterator[Draft | None | Dialogue]:
-    """One model turn: yields the turn's latest :class:`Draft` whenever it changed (a token, a
-    new draw), ``None`` as a heartbeat between them, then the new dialogue. Plain data in and
-    out, so that ZeroGPU can pickle it. ``seed`` None: the engine's default for the turn's
-    position."""
+def _in_worker(job: Callable[[threading.Event, OnDraft], object]) -> Iterator[object]:
+    """Run ``job(stop, on_draft)`` in a thread beside this generator, which yields the job's newest
+    draft whenever it changed, ``None`` as a heartbeat between them (every HEARTBEAT_S), then
+    the job's result. Closing the generator sets ``stop`` and waits for the job to end."""
     stop = threading.Event()  # made here: in a ZeroGPU worker, an Event from the main process never fires
     drafts: queue.SimpleQueue[object] = queue.SimpleQueue()
     outcome: dict[str, object] = {}
 
     def work() -> None:
         try:
-            outcome["dialogue"] = _make_turn(dialogue, settings, spec, seed, stop, drafts.put)
+            outcome["result"] = job(stop, drafts.put)
         except BaseException as exc:  # noqa: BLE001 - handed to the generator below
             outcome["error"] = exc
         finally:
@@ -114,7 +112,7 @@ def model_turn_stream(dialogue: Dialogue, settings: engine.RunSettings, spec: Ba
                 except queue.Empty:
                     break
             if latest is not None:
-                yield latest  # type: ignore[misc]
+                yield latest
             if item is _DONE:
                 break
     finally:
@@ -125,24 +123,56 @@ def model_turn_stream(dialogue: Dialogue, settings: engine.RunSettings, spec: Ba
         raise as_gradio_error(error)
     if error is not None:
         raise error  # type: ignore[misc] - a bug: let it be seen with its traceback
-    yield outcome["dialogue"]  # type: ignore[misc]
+    yield outcome["result"]
+
+
+@spaces.GPU(duration=gpu_seconds)
+def model_turn_stream(dialogue: Dialogue, settings: engine.RunSettings, spec: BackendSpec,
+                      seed: int | None) -> Iterator[Draft | None | Dialogue]:
+    """One model turn: yields the turn's latest :class:`Draft` whenever it changed (a token, a
+    new draw), ``None`` as a heartbeat between them, then the new dialogue. Plain data in and
+    out, so that ZeroGPU can pickle it. ``seed`` None: the engine's default for the turn's
+    position."""
+    yield from _in_worker(lambda stop, on_draft: _make_turn(dialogue, settings, spec, seed, stop, on_draft))  # type: ignore[misc]
+
+
+def fork_seconds(dialogue: Dialogue, settings: engine.RunSettings, n: int) -> int:
+    """The GPU slice for a fork: one turn's budget (its rows go as one batch) and a little per row."""
+    return int(min(GPU_SECONDS_MAX, gpu_seconds(dialogue, settings, BackendSpec(), None) + n))
+
+
+@spaces.GPU(duration=fork_seconds)
+def fork_stream(dialogue: Dialogue, settings: engine.RunSettings, n: int) -> Iterator[None | tuple[Turn, ...]]:
+    """``n`` alternative next user turns of ``dialogue`` in one batched call (heartbeats, then
+    the turns): the fork's work, in the GPU worker as a turn's is."""
+    yield from _in_worker(lambda stop, _draft: tuple(  # type: ignore[misc]
+        alternative_turns(simulator(), dialogue, settings, n, stop)))
+
+
+def _drive(stream: Iterator[object], stop: threading.Event, on_draft: OnDraft | None, wanted: type) -> Any:
+    """Drive a worker stream from the main process: Stop closes it between two heartbeats."""
+    if stop.is_set():
+        raise GenerationCancelled("stopped before the model began")
+    try:
+        for item in stream:
+            if stop.is_set():
+                raise GenerationCancelled("stopped during the model's work")
+            if isinstance(item, wanted):
+                return item
+            if item is not None and on_draft is not None:
+                on_draft(item)  # type: ignore[arg-type]
+    finally:
+        stream.close()  # type: ignore[attr-defined]
+    raise GenerationCancelled("the model's work ended without a result")
+
+
+def run_fork(dialogue: Dialogue, settings: engine.RunSettings, n: int, stop: threading.Event) -> tuple[Turn, ...]:
+    """:func:`fork_stream` driven from the main process, stoppable like a turn."""
+    return _drive(fork_stream(dialogue, settings, n), stop, None, tuple)
 
 
 def run_model_turn(dialogue: Dialogue, settings: engine.RunSettings, spec: BackendSpec, seed: int | None,
                    stop: threading.Event, on_draft: OnDraft | None = None) -> Dialogue:
     """Drive :func:`model_turn_stream` from the main process; Stop closes it between two tokens;
     ``on_draft`` hears each draft the worker sends."""
-    if stop.is_set():
-        raise GenerationCancelled("stopped before the turn")
-    stream = model_turn_stream(dialogue, settings, spec, seed)
-    try:
-        for item in stream:
-            if stop.is_set():
-                raise GenerationCancelled("stopped during the turn")
-            if isinstance(item, Dialogue):
-                return item
-            if item is not None and on_draft is not None:
-                on_draft(item)
-    finally:
-        stream.close()
-    raise GenerationCancelled("the model turn ended without a result")
+    return _drive(model_turn_stream(dialogue, settings, spec, seed), stop, on_draft, Dialogue)

@@ -41,6 +41,14 @@ def regenerated_seed(previous_seed: int | None, base_seed: int, turn_index: int)
     return _derive("regen", previous_seed if previous_seed is not None else turn_seed(base_seed, turn_index))
 
 
+def alternative_seeds(base_seed: int, turn_index: int, n: int) -> list[int]:
+    """The seeds of ``n`` alternatives for the user turn at ``turn_index`` (a fork): the first is
+    the turn's own seed (what Step makes there), the others derived from it; each alternative
+    records its seed, so whichever the researcher continues from replays."""
+    first = turn_seed(base_seed, turn_index)
+    return [first] + [_derive("alternative", first, k) for k in range(1, n)]
+
+
 DRAW_MODULUS = 2**31  # llama-server keeps a request's seed in uint32 and adds the choice index
 
 

@@ -90,9 +90,29 @@ def user_turn(dialogue: Dialogue, simulator: UserModel, settings: RunSettings,
     seed = turn_seed(settings.sampling.seed, len(dialogue.turns)) if seed is None else seed
     turn = simulator.generate_turn(dialogue, settings.guardrails, settings.sampling, settings.context_budget,
                                    stop_event, seed=seed, on_draft=on_draft)
-    out = replace(dialogue.with_turn(turn), user_model=simulator.model_id,
+    return with_user_turn(dialogue, turn)
+
+
+def with_user_turn(dialogue: Dialogue, turn: Turn) -> Dialogue:
+    """The dialogue with a simulated user's turn added (made now, or chosen among a fork's
+    alternatives): the model that wrote it, a context trim, an ending, all recorded alike."""
+    if dialogue.next_role != "user" or dialogue.ended_by:
+        raise ValueError("A user turn can only follow an assistant turn of an open dialogue.")
+    out = replace(dialogue.with_turn(turn), user_model=turn.model_id or dialogue.user_model,
                   context_trims=dialogue.context_trims + (turn.context_dropped_turns > 0))
     return replace(out, ended_by="user") if turn.ends_dialogue else out
+
+
+def fork_point(dialogue: Dialogue, turn_number: int) -> Dialogue:
+    """The dialogue just before user turn ``turn_number`` (1-based, counting all turns; the
+    next turn's number forks there): what a fork draws its alternatives from."""
+    index = int(turn_number) - 1
+    if not 0 <= index <= len(dialogue.turns):
+        raise ValueError(f"There is no turn {turn_number}: the dialogue has {len(dialogue.turns)} turns.")
+    prefix = replace(dialogue, turns=dialogue.turns[:index], ended_by=None)
+    if prefix.next_role != "user":
+        raise ValueError(f"Turn {turn_number} is the assistant's: a fork asks what else the *user* could say.")
+    return prefix
 
 
 def assistant_turn(dialogue: Dialogue, backend: AssistantBackend | None, settings: RunSettings,

@@ -50,6 +50,7 @@ from transformers import (
 from usersim_ui.core.dialogue import Dialogue, GuardrailSettings, SamplingSettings, Turn
 from usersim_ui.core.errors import GenerationCancelled
 from usersim_ui.core.protocols import OnDraft
+from usersim_ui.core.seeds import alternative_seeds
 from usersim_ui.inference.generation import FirstLogits, StopOnEvent
 from usersim_ui.inference.masks import RowEndSuppressor, RowFirstTokenFilter
 from usersim_ui.inference.prefix_cache import crop_to
@@ -263,6 +264,15 @@ def generate_user_turns(simulator: UserSimulator, dialogues: Sequence[Dialogue],
             except StopIteration as done:
                 p.turn = done.value
     return [p.turn for p in pending]  # type: ignore[misc]
+
+
+def alternative_turns(simulator: UserSimulator, dialogue: Dialogue, settings: Any, n: int,
+                      stop_event: threading.Event | None = None) -> list[Turn]:
+    """``n`` next user turns of one dialogue, each with its own seed, in one batched call (a
+    fork: "what else could the user say here?"). The first is the turn Step would make there
+    (``core.seeds.alternative_seeds``); each is guarded and recorded as any turn is."""
+    seeds = alternative_seeds(settings.sampling.seed, len(dialogue.turns), n)
+    return generate_user_turns(simulator, [dialogue] * n, [settings] * n, seeds, stop_event)
 
 
 class BatchedUsers:
