@@ -151,7 +151,7 @@ def test_html_and_an_open_fence_in_a_reply_are_shown_as_written(page):
     shown = page.locator("#dialogue").inner_text()
     assert "<script>alert(1)</script><img src=x> then code:" in shown
     assert "unclosed <b>fence</b>" in shown and page.locator("#dialogue img[src=x]").count() == 0
-    assert re.search(r"#2 · User · typed by you · \d+ words / \d+ tokens · typed by researcher", shown), shown[-300:]
+    assert re.search(r"#2 · Assistant · \d+ words / \d+ tokens · typed by researcher", shown), shown[-300:]
     assert dialogs == []
     page.screenshot(path=SHOTS / "06-literal-html.png", full_page=True)
     page.get_by_label("Local model (SmolLM2-135M-Instruct)").check()

@@ -7,7 +7,9 @@ words, and the legend lies below the x axis title in a bottom margin sized for i
 
 from __future__ import annotations
 
+import html
 import math
+import textwrap
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -28,10 +30,11 @@ REJECTED_COLOUR = "#6b7280"
 WOULD_HAVE_COLOUR = "#7c3aed"
 
 TOP_MARGIN = 70
+MODEBAR_MARGIN = 40  # px at the right for the vertical plot toolbar
 LEGEND_ROW_PX = 24
 REJECTED_OFFSET = 0.3  # rejected samples sit beside their turn's bar, not on it
 
-P_END_TITLE = "End-of-conversation probability per user turn"
+P_END_TITLE = "P(end): chance the user ends, per turn"
 P_END_Y_TITLE = "Probability the user ends here"
 TURN_X_TITLE = "Turn"
 MASKED_NAME = "end masked (no-early-ending guardrail)"
@@ -43,6 +46,16 @@ ACTION_SYMBOLS = {"masked": "square", "resampled": "circle", "gave_up": "x", "tr
 ACTION_COLOURS = {"masked": "#dc2626", "resampled": "#2563eb", "gave_up": "#111827", "trimmed": "#9333ea"}
 
 
+HOVER_CHARS = 28  # per line of a hover label: a 360 px plot shows it whole on either side of a point
+
+
+def _hover(*lines: str) -> str:
+    """A hover label: each line escaped (a record's text is no markup) and wrapped to
+    HOVER_CHARS, so that it stays inside a narrow plot instead of running off its edge."""
+    return "<br>".join(html.escape(wrapped, quote=False) for line in lines if line
+                       for wrapped in textwrap.wrap(line, HOVER_CHARS) or [""])
+
+
 def _layout(fig: go.Figure, title: str, y_title: str, *, x_title: str = TURN_X_TITLE, legend_rows: int = 2,
             height: int = 360) -> go.Figure:
     """Title inside the figure with a top margin that holds it; the legend pinned to the bottom of the
@@ -51,7 +64,9 @@ def _layout(fig: go.Figure, title: str, y_title: str, *, x_title: str = TURN_X_T
         title=dict(text=title, x=0.02, xanchor="left", y=0.97, yanchor="top", yref="container",
                    font=dict(size=15)),
         height=height, template="plotly_white", hovermode="closest",
-        margin=dict(l=78, r=16, t=TOP_MARGIN, b=62 + LEGEND_ROW_PX * legend_rows, autoexpand=True),
+        # the toolbar stands down the right edge, in a margin of its own: over the title it hid it
+        modebar=dict(orientation="v"), hoverlabel=dict(font=dict(size=11)),
+        margin=dict(l=78, r=MODEBAR_MARGIN, t=TOP_MARGIN, b=62 + LEGEND_ROW_PX * legend_rows, autoexpand=True),
         legend=dict(orientation="h", x=0, xanchor="left", y=0.01, yanchor="bottom", yref="container",
                     font=dict(size=11)),
     )
@@ -71,7 +86,7 @@ def lengths_figure(dialogue: Dialogue, table: pd.DataFrame | None = None) -> go.
     fig = go.Figure()
     for role, colour in ROLE_COLOURS.items():
         rows = table.loc[table["role"] == role]
-        hover = [f"Turn {n} ({role}): {w} words" + (f", cut at {w} words" if cut else "")
+        hover = [_hover(f"Turn {n} ({role}): {w} words" + (f", cut at {w} words" if cut else ""))
                  for n, w, cut in zip(rows["turn"], rows["words"], rows["truncated"])]
         fig.add_bar(x=rows["turn"].tolist(), y=rows["words"].tolist(), name=f"{role} words", marker_color=colour, width=0.5,
                     hovertext=hover, hovertemplate="%{hovertext}<extra></extra>")
@@ -83,7 +98,7 @@ def lengths_figure(dialogue: Dialogue, table: pd.DataFrame | None = None) -> go.
         x=[n + REJECTED_OFFSET for n, _, _ in rejected], y=[w for _, w, _ in rejected], name=REJECTED_NAME,
         mode="markers", marker=dict(color=REJECTED_COLOUR, symbol="circle-open", size=9, line=dict(width=1.5)),
         customdata=[n for n, _, _ in rejected],
-        hovertext=[f"Turn {n}: rejected sample of {w} words" + (f" ({why})" if why else "") for n, w, why in rejected],
+        hovertext=[_hover(f"Turn {n}: rejected sample of {w} words", why) for n, w, why in rejected],
         hovertemplate="%{hovertext}<extra></extra>")
     fig.update_layout(barmode="overlay")
     fig = _layout(fig, "Turn lengths, with rejected samples", "Words / tokens", legend_rows=2)
@@ -124,19 +139,20 @@ def p_end_figure(dialogue: Dialogue, table: pd.DataFrame | None = None, *, log: 
              for m, e in zip(masked, ends)]
     fig.add_scatter(
         x=turns, y=shown(p_end), mode="lines+markers", name=P_END_NAME, line=dict(color=ROLE_COLOURS["user"]),
-        marker=dict(size=8), hovertext=[f"Turn {n}: P(end) = {format_probability(p)}" + (f"<br>{note}" if note else "")
+        marker=dict(size=8), hovertext=[_hover(f"Turn {n}: P(end) = {format_probability(p)}", note)
                                         for n, p, note in zip(turns, p_end, notes)],
         hovertemplate="%{hovertext}<extra></extra>")
     fig.add_scatter(
         x=turns, y=shown(would), mode="lines", name=WOULD_HAVE_NAME, line=dict(color=WOULD_HAVE_COLOUR, dash="dash"),
-        hovertext=[f"By turn {n}: {format_probability(w)} chance the user would have ended (end unmasked)"
+        hovertext=[_hover(f"By turn {n}: {format_probability(w)} chance the user would have ended (end unmasked)")
                    for n, w in zip(turns, would)],
         hovertemplate="%{hovertext}<extra></extra>")
     ended = [(n, p) for n, p, e in zip(turns, p_end, ends) if e]
     fig.add_scatter(
         x=[n for n, _ in ended], y=shown([p for _, p in ended]), mode="markers", name=ENDED_NAME,
         marker=dict(symbol="star", size=17, color=ENDED_COLOUR, line=dict(color="white", width=1)),
-        hovertext=[f"Turn {n}: the user ended the dialogue (P(end) = {format_probability(p)})" for n, p in ended],
+        hovertext=[_hover(f"Turn {n}: the user ended the dialogue (P(end) = {format_probability(p)})")
+                   for n, p in ended],
         hovertemplate="%{hovertext}<extra></extra>")
     fig = _layout(fig, P_END_TITLE, P_END_Y_TITLE, legend_rows=2, height=380)
     fig.update_xaxes(range=_turn_range(dialogue))
@@ -159,8 +175,8 @@ def guardrail_figure(dialogue: Dialogue, table: pd.DataFrame | None = None) -> g
         if action == "trimmed" and events.empty:
             continue
         counts = [int(c) for c in events["count"]]
-        hover = [f"Turn {n} · {GUARDRAIL_LABELS.get(g, g)}: {label}" + (f" {c}x" if action == "resampled" else "")
-                 + (f"<br>{d}" if d else "")
+        hover = [_hover(f"Turn {n} · {GUARDRAIL_LABELS.get(g, g)}: {label}" + (f" {c}x" if action == "resampled" else ""),
+                        d)
                  for n, g, c, d in zip(events["turn"], events["guardrail"], counts, events["detail"])]
         fig.add_scatter(
             x=events["turn"].tolist(), y=[GUARDRAIL_LABELS.get(g, g) for g in events["guardrail"]], name=label,

@@ -161,9 +161,8 @@ def count_user_tokens(text: str) -> int:
 
 # ---- rendering -----------------------------------------------------------------------------
 
-SPEAKERS = {("user", "model"): "Simulated user", ("user", "researcher"): "User · typed by you",
-            ("assistant", "model"): "Assistant", ("assistant", "researcher"): "Assistant · typed by you",
-            ("assistant", "script"): "Assistant · scripted"}
+SPEAKERS = {("user", "model"): "Simulated user", ("assistant", "script"): "Assistant (scripted)"}
+# anything else is its role: a typed turn's badge says "typed by researcher"
 
 
 def speaker(role: str, author: str = "model") -> str:

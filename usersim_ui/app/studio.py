@@ -194,8 +194,8 @@ def _fork_panel(buttons: dict[str, Any]) -> ForkPanel:
     what the guardrails did; the researcher continues from any of them."""
     with gr.Accordion("What else could the user say here?", open=False, elem_id="fork-box") as box:
         with gr.Row():
-            at = gr.Number(None, label="At turn # (empty: the next user turn, else the last)", precision=0,
-                           minimum=1, elem_id="fork-at")
+            at = gr.Number(0, label="At turn # (0: the next user turn, else the last)", precision=0,
+                           minimum=0, elem_id="fork-at")
             n = gr.Slider(2, FORK_MAX, FORK_DEFAULT, step=1, label="Alternatives (one batched call)", elem_id="fork-n")
         choices = gr.Radio([], label="Alternatives: text · P(end) · guardrails", elem_id="fork-choices")
         buttons["continue_fork"] = gr.Button("Continue from this one", elem_id="continue-fork")
@@ -347,21 +347,22 @@ def _wire_runs(page: Page, update: Any, lock: Any, outputs: list[Any], refresh_i
             concurrency_id="runs", concurrency_limit=events.RUNS.max_runs + 4,
         ).then(update, refresh_inputs, outputs, queue=False, api_name=False)
 
-    def start_sample(request: gr.Request, picked: gr.SelectData, dialogue, intent_text, *values):
-        """One click on a sample intent: it fills the box and, on an empty dialogue, makes the
-        first exchange (a dialogue with turns is kept: its intent is fixed; Reset to use the new one)."""
-        chosen = page.intents[int(picked.index)].intent
-        session = events.session_of(request)
-        latest = events.RUNS.dialogue(session, dialogue)
+    def pick_sample(picked: gr.SelectData, request: gr.Request) -> list[Any]:
+        """The sample's intent into the box (the event's data reaches only this first step)."""
+        return [*clicked(request), page.intents[int(picked.index)].intent]
+
+    def start_sample(request: gr.Request, dialogue, intent_text, *values):
+        """One click on a sample intent: on an empty dialogue it makes the first exchange; a
+        dialogue with turns is kept (its intent is fixed): Reset starts one with the new intent."""
+        latest = events.RUNS.dialogue(events.session_of(request), dialogue)
         if latest is not None and latest.turns:
             yield events.notice_only("Intent set. Press **Reset** to start a new dialogue with it; the dialogue "
-                                     "shown stays until then.") + (chosen,)
+                                     "shown stays until then.")
             return
-        for out in handler(None, 2, False, "sample_intent")(request, dialogue, chosen, *values):
-            yield (*out, chosen)
+        yield from handler(None, 2, False, "sample_intent")(request, dialogue, intent_text, *values)
 
-    page.chatbot.example_select(clicked, None, outputs, queue=False, api_name=False).then(
-        start_sample, inputs, page.view + [page.intent], api_name=False,
+    page.chatbot.example_select(pick_sample, None, outputs + [page.intent], queue=False, api_name=False).then(
+        start_sample, inputs, page.view, api_name=False,
         concurrency_id="runs", concurrency_limit=events.RUNS.max_runs + 4,
     ).then(update, refresh_inputs, outputs, queue=False, api_name=False)
 
@@ -377,6 +378,7 @@ def _wire_runs(page: Page, update: Any, lock: Any, outputs: list[Any], refresh_i
                                       events.visitor_of(request))
 
     fork = page.fork
+    events.checked_numbers([fork.at, fork.n])
     page.buttons["fork"].click(lambda: [*lock(), gr.update(open=True)], None, outputs + [fork.box], queue=False,
                                api_name=False).then(
         draw_fork, [page.state, page.intent, fork.at, fork.n, *inputs[2:]], [fork.choices, page.view[2]],
