@@ -290,3 +290,21 @@ def test_controls_during_a_run_the_chats_clear_and_closing_the_tab(browser, app_
     finally:
         RUNS.on_forget = release
     assert len(forgotten) == 1 and "settings" in forgotten[0][1]  # the session that ran, with its data
+
+
+def test_an_example_asks_before_replacing_the_dialogue_shown(browser, app_url):
+    page = open_page(browser, app_url, 1440, 900)
+    page.get_by_role("button", name="Example dialogues").click()
+    page.locator("#gallery button").first.click()  # nothing shown yet: no question
+    wait_for_text(page, "#dialogue", "#2 ·")
+    page.wait_for_timeout(800)  # the chat has drawn every message
+    shown = chat_text(page)
+    asked: list[str] = []
+    page.once("dialog", lambda d: (asked.append(d.message), d.dismiss()))  # "keep mine"
+    page.locator("#gallery button").nth(1).click()
+    wait_for_text(page, "#banner", "Kept the dialogue shown")
+    assert asked and "Export it first" in asked[0] and chat_text(page) == shown
+    page.once("dialog", lambda d: d.accept())
+    page.locator("#gallery button").nth(1).click()
+    page.wait_for_function("s => document.querySelector('#dialogue')?.innerText !== s", arg=shown)
+    page.close()

@@ -345,7 +345,9 @@ def _run(run: Run, original: Dialogue, start: Dialogue, settings: engine.RunSett
     now = lambda: live_settings(session) or settings  # noqa: E731 - toggles moved mid-run apply next turn
     current, notice = start, None
     RUNS.commit(run, original)
-    unchanged = shown is not None and shown == original  # the caller has this dialogue's views already
+    # the caller has this dialogue's views already (an empty dialogue's are empty whatever its intent):
+    # drawing three empty charts again would only delay the first token on the page
+    unchanged = (shown is not None and shown == original) or (not original.turns and (shown is None or not shown.turns))
     if unchanged:
         yield status_only(original, running=running_text(start, settings))
     else:
@@ -454,9 +456,14 @@ def load_example(path: Path, session: str) -> tuple[Any, ...]:
     return import_file(str(path), session)
 
 
+KEEP_SHOWN = -1  # what the page sends for an example when the researcher keeps the dialogue shown
+
+
 def load_example_at(examples: Sequence[Any], index: Any, session: str) -> tuple[Any, ...]:
     """The gallery's ``index``-th example (API callers send the index): a clear refusal for
-    one that does not exist."""
+    one that does not exist. ``KEEP_SHOWN`` (the page's confirm was answered No): nothing changes."""
+    if index == KEEP_SHOWN and not isinstance(index, bool):
+        return notice_only("Kept the dialogue shown; the example was not loaded.") + (gr.skip(),)
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(examples):
         message = (f"There is no example {index!r:.40}: the gallery holds {len(examples)}, numbered 0 to "
                    f"{len(examples) - 1}." if examples else "The gallery holds no examples.")

@@ -448,7 +448,8 @@ def _wire_files(page: Page) -> None:
     if page.gallery is not None:
         def load_example(request: gr.Request, index: int):
             return events.load_example_at(page.examples, index, events.session_of(request))
-        page.gallery.click(load_example, [page.gallery], page.view + [page.intent], api_name="load_example")
+        page.gallery.click(load_example, [page.gallery], page.view + [page.intent], api_name="load_example",
+                           js=CONFIRM_REPLACE)
 
 
 def _wire_settings(page: Page) -> None:
@@ -465,6 +466,13 @@ def _wire_settings(page: Page) -> None:
         return gr.update(visible=kind == "openai"), gr.update(visible=kind == "researcher")
     page.backend[0].change(show_backend, [page.backend[0]], [page.openai_box, page.you_box], api_name=False)
 
+
+# Loading an example replaces the dialogue shown: the page asks first when there is one.
+CONFIRM_REPLACE = f"""(index) => {{
+  const shown = document.querySelector('#dialogue .message-row');
+  return (!shown || confirm('Replace the dialogue shown with this example? Export it first to keep it.'))
+    ? index : {events.KEEP_SHOWN};
+}}"""
 
 # On a phone the settings sidebar would cover the page: it starts closed there (its toggle opens it).
 CLOSE_SIDEBAR_ON_PHONE = """() => {
