@@ -127,3 +127,19 @@ def test_the_same_endpoint_answers_gradio_client(app_url):
     got = json.loads(client.predict(INTENT, HISTORY, 7, 1.0, 0.8, 16, True, api_name="/simulated_user_turn"))
     direct = json.loads(call(app_url, {"intent": INTENT, "history": HISTORY, "seed": 7, "max_new_tokens": 16}).content[0].text)
     assert got == direct
+
+
+def test_a_tool_call_counts_against_its_callers_runs(monkeypatch):
+    """A tool call is its own session but its caller's run: the per-visitor cap refuses it."""
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    from usersim_ui.app import handlers, mcp_tool
+
+    request = SimpleNamespace(client=SimpleNamespace(host="192.0.2.77"))
+    monkeypatch.setattr(handlers.RUNS, "per_visitor", 1)
+    with handlers.RUNS.start("mcp-cap-holder", "192.0.2.77"):
+        with pytest.raises(gr.Error, match="already has 1 runs"):
+            mcp_tool.simulated_user_turn("You want a cake recipe.", "[]", request=request)
+    handlers.RUNS.forget("mcp-cap-holder")

@@ -30,7 +30,7 @@ from typing import Any
 import gradio as gr
 
 from usersim_ui.app.form import settings_from_inputs
-from usersim_ui.app.handlers import RUNS, turn_maker
+from usersim_ui.app.handlers import RUNS, turn_maker, visitor_of
 from usersim_ui.app.run_control import RunRefused
 from usersim_ui.app.zerogpu import USER_ERRORS, simulator
 from usersim_ui.assistants.registry import BackendSpec
@@ -72,7 +72,7 @@ def run_settings(seed: int, temperature: float, top_p: float, max_new_tokens: in
 
 def simulated_user_turn(intent: str, history: list[dict[str, str]] | str = "[]", seed: int = 0,
                         temperature: float = 1.0, top_p: float = 0.8, max_new_tokens: int = 64,
-                        guardrails: bool = True) -> str:
+                        guardrails: bool = True, request: gr.Request | None = None) -> str:
     """The simulated user's next turn (UserLM-8b, or offline a prompted SmolLM2 baseline) in a dialogue with your assistant.
 
     Call it after each assistant reply: it plays a user who wants what the intent says and
@@ -99,7 +99,8 @@ def simulated_user_turn(intent: str, history: list[dict[str, str]] | str = "[]",
         if dialogue.next_role != "user":
             raise ValueError("The history ends with a user message: the assistant answers next, not the user.")
         dialogue = engine.ensure_open(dialogue, settings)
-        with RUNS.start(f"mcp-{uuid.uuid4().hex}") as run:
+        # each call is its own session, but it counts against its caller's runs like a page's run
+        with RUNS.start(f"mcp-{uuid.uuid4().hex}", visitor_of(request)) as run:
             after = turn_maker(BackendSpec(), run, None)(dialogue, settings)
     except GenerationCancelled as exc:
         raise gr.Error(f"The turn was stopped: {exc}", print_exception=False) from None

@@ -51,11 +51,24 @@ class UserLMFormat:
 
 
 PROMPTED_USER_SYSTEM = (
-    "You are role-playing a human user who is chatting with an AI assistant. You are NOT the "
-    "assistant. Your goal in this conversation: {intent}\n"
-    "Write only the user's next message: short, casual, one step at a time; do not reveal "
-    "the whole goal at once. When your goal is met or you want to leave, reply with exactly "
-    "{marker} and nothing else."
+    "You are a human user chatting with an AI assistant. You are NOT the assistant: you never "
+    "answer, explain or offer help; you ask for it. Your goal in this conversation: {intent}\n"
+    "Write only your next message to the assistant: one short, casual message of 3 to 25 words, "
+    "in your own words, one step at a time; do not reveal the whole goal at once. When your goal "
+    "is met or you want to leave, reply with exactly {marker} and nothing else."
+)
+
+# How a first message opens the conversation, shown to the model before its own: user turns
+# written for this project (none from the sample intents), each short, in a user's voice,
+# none opening with a word the first-token filter bans ("I", "You", "Here").
+FIRST_TURN_REQUEST = "My goal: {goal}\nWrite the first message you send to the assistant."
+FEW_SHOT_FIRST_TURNS = (
+    ("You want to know how long to boil an egg so that the yolk stays runny.",
+     "how long do i boil an egg if i want the yolk still runny?"),
+    ("You need a Python regular expression that matches dates written like 2024-03-15.",
+     "need a python regex that matches dates like 2024-03-15, can you help"),
+    ("You are planning a cheap weekend in Lisbon and do not know where to stay.",
+     "hey, planning a weekend in lisbon on a tight budget. which area is good to stay in?"),
 )
 
 
@@ -70,10 +83,21 @@ class PromptedUserFormat:
     end_marker: str = "[END]"
     system_template: str = field(default=PROMPTED_USER_SYSTEM)
 
+    shots: Sequence[tuple[str, str]] = FEW_SHOT_FIRST_TURNS
+
     def prompt_ids(self, intent: str, messages: Sequence[dict[str, str]]) -> list[int]:
-        flipped = [{"role": "assistant" if m["role"] == "user" else "user", "content": m["content"]} for m in messages]
+        """The system prompt; a few goals, each asked for a first message and answered with one
+        (so that a small chat model sees what a *user's* message looks like before writing
+        one); then this dialogue's goal asked for the same way, and the dialogue with roles
+        flipped: the model's own past turns as ``assistant``, the real assistant's as ``user``."""
         system = {"role": "system", "content": self.system_template.format(intent=intent, marker=self.end_marker)}
-        return chat_template_ids(self.tokenizer, [system] + flipped, add_generation_prompt=True)
+        shown = []
+        for goal, first in self.shots:
+            shown += [{"role": "user", "content": FIRST_TURN_REQUEST.format(goal=goal)},
+                      {"role": "assistant", "content": first}]
+        ask = {"role": "user", "content": FIRST_TURN_REQUEST.format(goal=intent)}
+        flipped = [{"role": "assistant" if m["role"] == "user" else "user", "content": m["content"]} for m in messages]
+        return chat_template_ids(self.tokenizer, [system, *shown, ask, *flipped], add_generation_prompt=True)
 
     def end_marker_ids(self) -> list[int]:
         return encode_plain(self.tokenizer, self.end_marker)
