@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import gradio as gr
 
@@ -62,6 +62,16 @@ def _keep_branch(session: str, after: Dialogue, before: Dialogue) -> None:
     del branches[:-MAX_BRANCHES]
 
 
+def _replace_keeping_branch(session: str, dialogue: Dialogue | None,
+                            change: Callable[[Dialogue | None], Dialogue], action: str) -> Dialogue:
+    """Commit ``change(latest)`` as a quick transition, keeping what it replaced for Undo."""
+    def apply(latest: Dialogue | None) -> Dialogue:
+        made = change(latest)
+        _keep_branch(session, made, latest)  # type: ignore[arg-type] - change refuses None
+        return made
+    return RUNS.transition(session, dialogue, apply, action)
+
+
 def undo(dialogue: Dialogue | None, session: str) -> tuple[Any, ...]:
     """Undo: bring back the turns a fork or an edit replaced if that change is the last thing
     that happened, else drop the last turn."""
@@ -95,18 +105,16 @@ def edit_and_continue(dialogue: Dialogue | None, number: int, text: str, session
     after it are kept as a branch that Undo restores. The edited turn keeps its P(end) (the
     chance of ending *at this position*, which its text does not change) and says that its
     guardrail record belongs to the text it replaced. The one edit, from the chat or the API."""
-    def apply(latest: Dialogue | None) -> Dialogue:
+    def edit(latest: Dialogue | None) -> Dialogue:
         if latest is None or not 1 <= number <= len(latest.turns):
             raise ValueError(f"There is no turn {number} to edit.")
         if text.strip() == latest.turns[number - 1].text.strip():
             raise ValueError("The text is unchanged.")
         edited = engine.edit_turn(latest, number - 1, text, count_tokens)
-        made = replace(edited, turns=edited.turns[:number],
+        return replace(edited, turns=edited.turns[:number],
                        ended_by=None if len(edited.turns) > number else edited.ended_by)
-        _keep_branch(session, made, latest)
-        return made
     try:
-        made = RUNS.transition(session, dialogue, apply, "Editing a turn")
+        made = _replace_keeping_branch(session, dialogue, edit, "Editing a turn")
     except (RunRefused, *USER_ERRORS) as exc:
         return refuse(str(exc), "edit_turn", session)
     return render(made, notice=f"Turn {number} edited. Step continues from it; Undo brings back what it replaced.")
@@ -204,14 +212,12 @@ def continue_fork(dialogue: Dialogue | None, choice: Any, session: str) -> tuple
             not 0 <= choice < len(fork.turns):
         return refuse("Pick one of the alternatives first.", "continue_fork", session)
 
-    def apply(latest: Dialogue | None) -> Dialogue:
-        if latest != fork.source:
+    def take(latest: Dialogue | None) -> Dialogue:
+        if latest is None or latest != fork.source:
             raise ValueError("The dialogue changed since these alternatives were drawn: draw them again.")
-        made = engine.with_user_turn(engine.fork_point(latest, fork.number), fork.turns[choice])
-        _keep_branch(session, made, latest)
-        return made
+        return engine.with_user_turn(engine.fork_point(latest, fork.number), fork.turns[choice])
     try:
-        made = RUNS.transition(session, dialogue, apply, "Continuing from an alternative")
+        made = _replace_keeping_branch(session, dialogue, take, "Continuing from an alternative")
     except (RunRefused, *USER_ERRORS) as exc:
         return refuse(str(exc), "continue_fork", session)
     replaced = len(fork.source.turns) >= fork.number
