@@ -237,7 +237,7 @@ def test_titles_fit_and_axes_are_named_in_words(make):
 def test_p_end_axis_title_is_a_sentence():
     layout = p_end_figure(story()).to_plotly_json()["layout"]
     assert layout["yaxis"]["title"]["text"] == "Probability the user ends here"
-    assert layout["title"]["text"].startswith("End-of-conversation probability")
+    assert layout["title"]["text"].startswith("P(end): chance the user ends")  # words, not a symbol alone
 
 
 def test_an_exact_zero_stays_on_the_log_axis_and_says_zero():
