@@ -592,5 +592,17 @@ def test_hostile_the_page_still_gets_a_warning_toast_not_an_error(app_url):
             toast.wait_for(timeout=30_000)
             assert page.locator(".toast-body.error").count() == 0
             assert "to start" in page.locator("#banner").inner_text()  # kept as it was
+            # a number box out of its bounds is refused the same way, and the run buttons that the
+            # click locked come back (an error raised in the box's preprocessing left them locked)
+            page.get_by_label("Min words").fill("3")
+            page.get_by_label("Min words").blur()
+            page.get_by_role("button", name="Simulated user sampling").click()
+            page.get_by_label("Seed").fill("-5")
+            page.get_by_label("Seed").blur()
+            page.get_by_role("button", name="Step", exact=True).click()
+            page.locator(".toast-body.warning", has_text="'Seed' must be at least 0").wait_for(timeout=30_000)
+            sync_api.expect(page.get_by_role("button", name="Step", exact=True)).to_be_enabled(timeout=10_000)
+            sync_api.expect(page.get_by_role("button", name="Stop", exact=True)).to_be_disabled()
+            assert page.locator(".toast-body.error").count() == 0
         finally:
             browser.close()

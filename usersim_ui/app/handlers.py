@@ -26,6 +26,7 @@ from usersim_ui.analysis.transcript import badge_line, summary_text, to_markdown
 from usersim_ui.app.form import Form
 from usersim_ui.app.run_control import Run, RunControl, RunRefused
 from usersim_ui.app.streaming import DraftBox, with_drafts
+from usersim_ui.app.trust import Refused
 from usersim_ui.app.zerogpu import (
     USER_ERRORS,
     run_model_turn,
@@ -127,11 +128,14 @@ def status_only(dialogue: Dialogue, running: str | None = None, notice: str | No
 
 
 def checked_numbers(components: Iterable[Any]) -> None:
-    """Number and Slider boxes refuse a value that is not a number with the box's name.
+    """Number and Slider boxes hand a value that is not a number, or is out of the box's bounds,
+    to the handler as a :class:`trust.Refused` carrying a message with the box's name, and the
+    handler refuses the event (a toast on the page, an error with the reason to an API caller).
 
     Gradio's own preprocessing compares such a value with the box's bounds and fails with a
     TypeError, which reaches an API caller as "The upstream Gradio app has raised an exception";
-    this check runs first (once per component, however many events it feeds)."""
+    and an error raised here would end the page's event chain, leaving the buttons it locked for
+    the run locked. Wrapped once per component, however many events it feeds."""
     for component in components:
         if not isinstance(component, (gr.Number, gr.Slider)) or getattr(component, "_usersim_checked", False):
             continue
@@ -143,11 +147,11 @@ def checked_numbers(components: Iterable[Any]) -> None:
             if payload is None:
                 return original(payload)
             if isinstance(payload, bool) or not isinstance(payload, (int, float)) or not math.isfinite(payload):
-                raise gr.Error(f"'{label}' must be a number; got {payload!r:.40}.", print_exception=False)
+                return Refused(f"'{label}' must be a number; got {payload!r:.40}.")
             if (low is not None and payload < low) or (high is not None and payload > high):
                 bounds = f"between {low:g} and {high:g}" if low is not None and high is not None else \
                     (f"at least {low:g}" if low is not None else f"at most {high:g}")
-                raise gr.Error(f"'{label}' must be {bounds}; got {payload!r}.", print_exception=False)
+                return Refused(f"'{label}' must be {bounds}; got {payload!r}.")
             return original(payload)
 
         component.preprocess = preprocess

@@ -23,12 +23,13 @@ No gradio here: the Studio's form (``app.form``) and the Batch tab both call the
 
 from __future__ import annotations
 
+
 import ipaddress
 import math
 import os
 import re
 import socket
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 from urllib.parse import urlsplit
@@ -56,8 +57,26 @@ _URL_FORBIDDEN = set("<>\"'`{}|\\^") | {chr(c) for c in range(33)} | {"\x7f"}
 
 # ---- numbers, text, choices -------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Refused:
+    """What a number box hands its handler in place of a value it cannot take (``handlers.
+    checked_numbers``): the handler refuses the event with ``message``, as for any bad input.
+    Raising in the box's own preprocessing would end the page's event chain there, and the
+    run buttons, locked for the run, would stay locked."""
+
+    message: str
+
+
+def raise_refused(*values: Any) -> None:
+    """Refuse (ValueError) with the first :class:`Refused` among ``values``."""
+    for value in values:
+        if isinstance(value, Refused):
+            raise ValueError(value.message)
+
+
 def number(value: Any, label: str, low: float, high: float, whole: bool = True) -> float:
     """A finite number in [low, high] (a whole one unless ``whole`` is False); else a ValueError naming the box."""
+    raise_refused(value)
     if value is None or value == "":
         raise ValueError(f"'{label}' is empty: enter a number.")
     if isinstance(value, bool):
