@@ -69,6 +69,10 @@ FEW_SHOT_FIRST_TURNS = (
      "need a python regex that matches dates like 2024-03-15, can you help"),
     ("You are planning a cheap weekend in Lisbon and do not know where to stay.",
      "hey, planning a weekend in lisbon on a tight budget. which area is good to stay in?"),
+    ("You want to write a polite email asking your landlord to fix a leaking tap.",
+     "can you help me write a short email to my landlord about a leaky tap?"),
+    ("You want to understand why your sourdough bread comes out flat.",
+     "my sourdough keeps coming out flat. any idea why?"),
 )
 
 
