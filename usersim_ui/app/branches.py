@@ -24,8 +24,8 @@ from usersim_ui.app.handlers import (
     RUNS,
     USER_ERRORS,
     begin,
+    guarded,
     refuse,
-    render,
     stopped_text,
 )
 from usersim_ui.app.run_control import RunRefused
@@ -62,14 +62,13 @@ def _keep_branch(session: str, after: Dialogue, before: Dialogue) -> None:
     del branches[:-MAX_BRANCHES]
 
 
-def _replace_keeping_branch(session: str, dialogue: Dialogue | None,
-                            change: Callable[[Dialogue | None], Dialogue], action: str) -> Dialogue:
-    """Commit ``change(latest)`` as a quick transition, keeping what it replaced for Undo."""
-    def apply(latest: Dialogue | None) -> Dialogue:
+def _keeping_branch(session: str, change: Callable[[Dialogue], Dialogue]) -> Callable[[Dialogue], Dialogue]:
+    """``change`` as a quick transition that keeps what it replaced for Undo."""
+    def apply(latest: Dialogue) -> Dialogue:
         made = change(latest)
-        _keep_branch(session, made, latest)  # type: ignore[arg-type] - change refuses None
+        _keep_branch(session, made, latest)
         return made
-    return RUNS.transition(session, dialogue, apply, action)
+    return apply
 
 
 def undo(dialogue: Dialogue | None, session: str) -> tuple[Any, ...]:
@@ -77,19 +76,14 @@ def undo(dialogue: Dialogue | None, session: str) -> tuple[Any, ...]:
     that happened, else drop the last turn."""
     restored: list[bool] = []
 
-    def apply(latest: Dialogue | None) -> Dialogue:
-        if latest is None:
-            raise ValueError("There is no dialogue yet.")
+    def apply(latest: Dialogue) -> Dialogue:
         branches = _branches(session)
         if branches and branches[-1][0] == latest:
             restored.append(True)
             return branches.pop()[1]
         return engine.undo(latest)
-    try:
-        made = RUNS.transition(session, dialogue, apply, "Undo")
-    except (RunRefused, *USER_ERRORS) as exc:
-        return refuse(str(exc), "undo", session)
-    return render(made, notice="Restored the turns the last branch replaced." if restored else None)
+    return guarded("undo", session, dialogue, apply, "Undo",
+                   notice=lambda _made: "Restored the turns the last branch replaced." if restored else None)
 
 
 # ---- inline edits -------------------------------------------------------------------------
@@ -105,19 +99,17 @@ def edit_and_continue(dialogue: Dialogue | None, number: int, text: str, session
     after it are kept as a branch that Undo restores. The edited turn keeps its P(end) (the
     chance of ending *at this position*, which its text does not change) and says that its
     guardrail record belongs to the text it replaced. The one edit, from the chat or the API."""
-    def edit(latest: Dialogue | None) -> Dialogue:
-        if latest is None or not 1 <= number <= len(latest.turns):
+    def edit(latest: Dialogue) -> Dialogue:
+        if not 1 <= number <= len(latest.turns):
             raise ValueError(f"There is no turn {number} to edit.")
         if text.strip() == latest.turns[number - 1].text.strip():
             raise ValueError("The text is unchanged.")
         edited = engine.edit_turn(latest, number - 1, text, count_tokens)
         return replace(edited, turns=edited.turns[:number],
                        ended_by=None if len(edited.turns) > number else edited.ended_by)
-    try:
-        made = _replace_keeping_branch(session, dialogue, edit, "Editing a turn")
-    except (RunRefused, *USER_ERRORS) as exc:
-        return refuse(str(exc), "edit_turn", session)
-    return render(made, notice=f"Turn {number} edited. Step continues from it; Undo brings back what it replaced.")
+    return guarded("edit_turn", session, dialogue, _keeping_branch(session, edit), "Editing a turn",
+                   notice=lambda _made: f"Turn {number} edited. Step continues from it; Undo brings back what it "
+                                        "replaced.")
 
 
 def edit_in_chat(dialogue: Dialogue | None, index: int, value: str, session: str,
@@ -212,14 +204,12 @@ def continue_fork(dialogue: Dialogue | None, choice: Any, session: str) -> tuple
             not 0 <= choice < len(fork.turns):
         return refuse("Pick one of the alternatives first.", "continue_fork", session)
 
-    def take(latest: Dialogue | None) -> Dialogue:
-        if latest is None or latest != fork.source:
+    def take(latest: Dialogue) -> Dialogue:
+        if latest != fork.source:
             raise ValueError("The dialogue changed since these alternatives were drawn: draw them again.")
         return engine.with_user_turn(engine.fork_point(latest, fork.number), fork.turns[choice])
-    try:
-        made = _replace_keeping_branch(session, dialogue, take, "Continuing from an alternative")
-    except (RunRefused, *USER_ERRORS) as exc:
-        return refuse(str(exc), "continue_fork", session)
     replaced = len(fork.source.turns) >= fork.number
-    return render(made, notice=f"Continued from alternative {choice + 1} at turn {fork.number}."
-                  + (" Undo brings back the turns it replaced." if replaced else ""))
+    return guarded("continue_fork", session, dialogue, _keeping_branch(session, take),
+                   "Continuing from an alternative",
+                   notice=lambda _made: f"Continued from alternative {choice + 1} at turn {fork.number}."
+                                        + (" Undo brings back the turns it replaced." if replaced else ""))

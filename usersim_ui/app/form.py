@@ -42,8 +42,7 @@ def settings_from_inputs(temperature: float, top_p: float, max_new_tokens: float
                          min_words: float, max_words: float, repetition: bool, retry_cap: float,
                          banned_words: str = "I, You, Here", any_case: bool = False) -> RunSettings:
     """The run settings as the panel shows them; 0 minimum turns before ending means 'never end'."""
-    trust.raise_refused(temperature, top_p, max_new_tokens, seed, max_turns, min_turns_before_end, min_words,
-                        max_words, retry_cap)
+    trust.raise_refused(seed)  # the other numbers go through trust.number, which refuses a Refused itself
     min_w = int(number_input(min_words, "Min words", 0, 1000))
     max_w = int(number_input(max_words, "Max words", 1, 1000))
     if min_w > max_w:

@@ -386,17 +386,18 @@ def _run(run: Run, original: Dialogue, start: Dialogue, settings: engine.RunSett
 # ---- events that change the dialogue without a model ---------------------------------------
 
 def guarded(event: str, session: str, dialogue: Dialogue | None, transition: Callable[[Dialogue], Dialogue],
-            while_running: str) -> tuple[Any, ...]:
+            while_running: str, notice: Callable[[Dialogue], str | None] | None = None) -> tuple[Any, ...]:
     """Apply a quick transition to the session's latest dialogue unless a run is in flight;
-    refuse otherwise."""
+    refuse otherwise. ``notice(made)``: the status line to show with the result."""
     def apply(latest: Dialogue | None) -> Dialogue:
         if latest is None:
             raise ValueError("There is no dialogue yet.")
         return transition(latest)
     try:
-        return render(RUNS.transition(session, dialogue, apply, while_running))
+        made = RUNS.transition(session, dialogue, apply, while_running)
     except (RunRefused, *USER_ERRORS) as exc:
         return refuse(str(exc), event, session)
+    return render(made, notice=notice(made) if notice is not None else None)
 
 
 def cancel_then(event: str, session: str, dialogue: Dialogue | None, transition: Callable[[Dialogue], Dialogue],
@@ -466,7 +467,7 @@ KEEP_SHOWN = -1  # what the page sends for an example when the researcher keeps 
 def load_example_at(examples: Sequence[Any], index: Any, session: str) -> tuple[Any, ...]:
     """The gallery's ``index``-th example (API callers send the index): a clear refusal for
     one that does not exist. ``KEEP_SHOWN`` (the page's confirm was answered No): nothing changes."""
-    if index == KEEP_SHOWN and not isinstance(index, bool):
+    if index == KEEP_SHOWN:
         return notice_only("Kept the dialogue shown; the example was not loaded.") + (gr.skip(),)
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(examples):
         message = (f"There is no example {index!r:.40}: the gallery holds {len(examples)}, numbered 0 to "

@@ -107,14 +107,13 @@ def _guardrail_panel() -> tuple[list[Any], list[Any]]:
     settings: list[Any] = []
     extras: list[Any] = []
     gr.Markdown("### Guardrails\nThey apply to the next turn, even during an auto-run.", elem_classes="side-head")
-    if True:
-        for g in GUARDRAILS:
-            with gr.Group():
-                switch = gr.Checkbox(g.default, label=g.toggle, elem_id=ELEM_IDS.get(g.name, f"g-{g.name}"), info=g.help)
-                with gr.Row():
-                    boxes, extra = _guardrail_settings(g.name)
-            settings += [switch, *boxes]
-            extras += extra
+    for g in GUARDRAILS:
+        with gr.Group():
+            switch = gr.Checkbox(g.default, label=g.toggle, elem_id=ELEM_IDS.get(g.name, f"g-{g.name}"), info=g.help)
+            with gr.Row():
+                boxes, extra = _guardrail_settings(g.name)
+        settings += [switch, *boxes]
+        extras += extra
     return settings, extras
 
 
@@ -282,7 +281,7 @@ def control_states(dialogue: Dialogue | None, kind: str, max_turns: float | None
         "step": open_ and (user_next or not you), "auto_run": open_ and (user_next or not you),
         "send_reply": open_ and you, "undo": has_turns, "regenerate": has_turns, "edit_turn": has_turns,
         "end_dialogue": has_turns and not dialogue.ended_by, "reset": True, "export_jsonl": has_turns,
-        "stop": False, "fork": has_turns or not no_intent, "continue_fork": has_turns or not no_intent,
+        "stop": False, "fork": not no_intent, "continue_fork": not no_intent,
     }
     if no_intent:
         states.update(next_user_turn=False, step=False, auto_run=False)

@@ -23,7 +23,6 @@ No gradio here: the Studio's form (``app.form``) and the Batch tab both call the
 
 from __future__ import annotations
 
-
 import ipaddress
 import math
 import os
