@@ -24,18 +24,17 @@ from usersim_ui.inference.sampling import RowGroup, Sampler
 OnStep = Callable[[list[int]], None]  # hears the first row's new ids after each step
 
 
-def draft_stream(tokenizer: Any, on_draft: OnDraft | None, role: str, stop_ids: Sequence[int] = (),
-                 **fields: Any) -> OnStep | None:
+def draft_stream(tokenizer: Any, on_draft: OnDraft | None, role: str, stop_ids: Sequence[int] = ()) -> OnStep | None:
     """The ``on_step`` that turns the first row's ids into the :class:`Draft` the page shows
     (decoded as the finished turn will be, cut at its first stop id: a finished row is padded
-    with one). ``fields``: the draft's other fields (sample numbers, guardrail notes)."""
+    with one)."""
     if on_draft is None:
         return None
     stops = set(stop_ids)
 
     def step(ids: list[int]) -> None:
         end = next((i for i, t in enumerate(ids) if t in stops), len(ids))
-        on_draft(Draft(role, tokenizer.decode(ids[:end], skip_special_tokens=True), end, **fields))
+        on_draft(Draft(role, tokenizer.decode(ids[:end], skip_special_tokens=True), end))
     return step
 
 
