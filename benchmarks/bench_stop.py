@@ -23,12 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 def measure(stream_fn, repeats: int, after: int) -> tuple[list[float], list[float]]:
     """Seconds from Stop to the stream's close returning, and seconds per token, per turn."""
     from usersim_ui.assistants.registry import BackendSpec
-    from usersim_ui.core import transitions as engine
+    from usersim_ui.core import transitions
     from usersim_ui.core.dialogue import Dialogue, GuardrailSettings, SamplingSettings
 
     off = GuardrailSettings(first_token_filter=False, no_early_ending=False, length_thresholds=False,
                             verbatim_repetition=False)
-    settings = engine.RunSettings(guardrails=off, sampling=SamplingSettings(max_new_tokens=3000), context_budget=4096)
+    settings = transitions.RunSettings(guardrails=off, sampling=SamplingSettings(max_new_tokens=3000), context_budget=4096)
     latencies, per_token = [], []
     for seed in range(repeats):
         stream = stream_fn(Dialogue(intent="You want a cake recipe."), settings, BackendSpec(), seed)
@@ -53,18 +53,18 @@ def main() -> None:
     import test_zerogpu_worker as zg  # the same wrapper setup the test uses
     from conftest import userlm_sim
 
-    from usersim_ui.app import zerogpu as gpu
+    from usersim_ui.app import zerogpu
     from usersim_ui.inference.tiny_userlm import llama3_userlm_tokenizer
 
-    gpu._simulator = userlm_sim(llama3_userlm_tokenizer())
-    local = measure(gpu.model_turn_stream, args.repeats, args.after)
+    zerogpu._simulator = userlm_sim(llama3_userlm_tokenizer())
+    local = measure(zerogpu.model_turn_stream, args.repeats, args.after)
     wrappers = zg.wrappers
     schedule = type("S", (), dict(allowToken="t", nvidiaIndex=0, nvidiaUUID="cpu", idle=True))()
     wrappers.client.schedule = lambda **kwargs: schedule
     wrappers.client.release = lambda *a, **k: None
     wrappers.client.get_duration_seconds = lambda *a: 60
     wrappers.worker_init = lambda **kwargs: None
-    forked_fn = wrappers.generator_function_wrapper(gpu.model_turn_stream, gpu.gpu_seconds, None)
+    forked_fn = wrappers.generator_function_wrapper(zerogpu.model_turn_stream, zerogpu.gpu_seconds, None)
     forked = measure(forked_fn, args.repeats, args.after)
     print(f"Stop after {args.after} heartbeats, {args.repeats} turns each, tiny UserLM-shaped model, {os.cpu_count()} CPUs")
     print(f"{'path':<26}{'median stop→return (ms)':>26}{'max (ms)':>10}{'ms per token':>14}{'tokens':>8}")

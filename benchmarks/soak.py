@@ -271,7 +271,7 @@ def run_soak(sessions: int = 8, duration_s: float = 300.0, kill_at: float = 0.4,
              warmup_s: float | None = None, hostile: int = 0) -> dict[str, Any]:
     """Run the soak and return its report (see :func:`check`); ``hostile``: sessions of one
     hostile visitor whose runs wait on a trickling or a silent endpoint."""
-    from usersim_ui.app import handlers as events
+    from usersim_ui.app import handlers
     from usersim_ui.app.studio import build_app
     from usersim_ui.app.zerogpu import simulator
 
@@ -292,7 +292,7 @@ def run_soak(sessions: int = 8, duration_s: float = 300.0, kill_at: float = 0.4,
                for i in range(sessions)]
     threads += [threading.Thread(target=hostile_loop, daemon=True,
                                  args=(i, url, bad[i % 2].url, deadline, hostile_log, i)) for i in range(hostile)]
-    waits_before, releases_before = len(events.RUNS.waits_s), len(events.RUNS.stop_release_s)
+    waits_before, releases_before = len(handlers.RUNS.waits_s), len(handlers.RUNS.stop_release_s)
     rss: dict[str, float] = {"start": rss_mb()}
     series: list[tuple[float, int, int]] = []  # (s since start, RSS MB, live threads)
     try:
@@ -311,7 +311,7 @@ def run_soak(sessions: int = 8, duration_s: float = 300.0, kill_at: float = 0.4,
                 rss["warm"] = rss_mb()
                 rss["warm_at_s"] = now - begin
             if hostile:
-                hostile_log.most_in_flight = max(hostile_log.most_in_flight, events.RUNS.runs_of(HOSTILE_ADDRESS))
+                hostile_log.most_in_flight = max(hostile_log.most_in_flight, handlers.RUNS.runs_of(HOSTILE_ADDRESS))
             if not killed and now >= begin + duration_s * kill_at:
                 assistant.kill()
                 killed = True
@@ -327,15 +327,15 @@ def run_soak(sessions: int = 8, duration_s: float = 300.0, kill_at: float = 0.4,
         for endpoint in bad:
             endpoint.close()
         demo.close()
-    waits = list(events.RUNS.waits_s)[waits_before:]
-    hostile_log.release_s = list(events.RUNS.stop_release_s)[releases_before:]
+    waits = list(handlers.RUNS.waits_s)[waits_before:]
+    hostile_log.release_s = list(handlers.RUNS.stop_release_s)[releases_before:]
     q = statistics.quantiles(waits, n=20) if len(waits) >= 2 else [0.0] * 19
     return {"sessions": sessions, "duration_s": duration_s, "logs": logs, "down": assistant.down, "rss_mb": rss,
             "rss_series": series,
             "waits": len(waits), "wait_p50_s": statistics.median(waits) if waits else 0.0, "wait_p95_s": q[18],
             "runs": sum(len(log.runs) for log in logs),
             "turns": sum(len(r.exported["messages"]) for log in logs for r in log.runs if r.exported),
-            "hostile": hostile_log if hostile else None, "per_visitor": events.RUNS.per_visitor}
+            "hostile": hostile_log if hostile else None, "per_visitor": handlers.RUNS.per_visitor}
 
 
 def check(report: dict[str, Any], grace_s: float = 2.0) -> list[str]:

@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from usersim_ui.app.handlers import START_TEXT
 from loopback_openai import LoopbackOpenAI
+
+from usersim_ui.app.handlers import START_TEXT
 
 gradio_client = pytest.importorskip("gradio_client")
 
@@ -285,15 +286,15 @@ def test_each_malformed_record_is_refused_with_line_and_field(app_url, tmp_path,
 
 def test_exports_replace_each_other_in_the_sessions_folder_which_goes_with_the_session(app_url):
     """Issue case 10: one file per session at a time, removed when the session is released."""
-    from usersim_ui.app import handlers as events
+    from usersim_ui.app import handlers
 
     client = gradio_client.Client(app_url, verbose=False)
     call(client, "/next_user_turn")
     client.predict(api_name="/export_jsonl")
     client.predict(api_name="/export_jsonl")
-    folder = events.EXPORT_ROOT / events._safe_name(client.session_hash)
+    folder = handlers.EXPORT_ROOT / handlers._safe_name(client.session_hash)
     assert [p.suffix for p in folder.iterdir()] == [".jsonl"]
-    events.RUNS.forget(client.session_hash)  # what the page's unload does
+    handlers.RUNS.forget(client.session_hash)  # what the page's unload does
     assert not folder.exists()
 
 

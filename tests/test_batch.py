@@ -321,17 +321,16 @@ def test_batch_tab_builds_and_its_handler_runs_an_ab_batch(tmp_path: Path, monke
     from conftest import userlm_sim
     from loopback_openai import LoopbackOpenAI
 
-    from usersim_ui.app import batch_tab
-    from usersim_ui.app import zerogpu as gpu
+    from usersim_ui.app import batch_tab, zerogpu
 
     with gr.Blocks() as demo:
         with gr.Tab("Batch"):
             batch_tab.build_batch_tab()
     assert any(getattr(dep, "api_name", None) == "batch_run" for dep in demo.fns.values())
-    monkeypatch.setattr(gpu, "_simulator", userlm_sim(llama_tok))
+    monkeypatch.setattr(zerogpu, "_simulator", userlm_sim(llama_tok))
     made = []  # every user turn of the batch goes through the GPU function, as a Studio turn does
-    stream = gpu.model_turn_stream
-    monkeypatch.setattr(gpu, "model_turn_stream", lambda d, *a: made.append(d.next_role) or stream(d, *a))
+    stream = zerogpu.model_turn_stream
+    monkeypatch.setattr(zerogpu, "model_turn_stream", lambda d, *a: made.append(d.next_role) or stream(d, *a))
     monkeypatch.setattr(batch_tab, "output_dir", lambda: tmp_path)
     intents = tmp_path / "two.txt"
     intents.write_text("You want a cheap flight to Lisbon.\nYou want to fix a flaky unit test.\n")

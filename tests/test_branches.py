@@ -6,11 +6,9 @@ from __future__ import annotations
 import gradio as gr
 import pytest
 
-from usersim_ui.app import branches
-from usersim_ui.app import handlers as events
-from usersim_ui.app import zerogpu as gpu
+from usersim_ui.app import branches, handlers, zerogpu
 from usersim_ui.app.form import settings_from_inputs
-from usersim_ui.core import transitions as engine
+from usersim_ui.core import transitions
 from usersim_ui.core.dialogue import Dialogue, GuardrailEvent, RejectedSample, Turn
 from usersim_ui.core.seeds import alternative_seeds
 from usersim_ui.users.batched import alternative_turns
@@ -23,10 +21,10 @@ SESSION = "branches-test"
 
 @pytest.fixture
 def session(monkeypatch, tiny_sim):
-    monkeypatch.setattr(gpu, "_simulator", tiny_sim)
-    events.RUNS.forget(SESSION)
+    monkeypatch.setattr(zerogpu, "_simulator", tiny_sim)
+    handlers.RUNS.forget(SESSION)
     yield SESSION
-    events.RUNS.forget(SESSION)
+    handlers.RUNS.forget(SESSION)
 
 
 def three_turns() -> Dialogue:
@@ -40,7 +38,7 @@ def three_turns() -> Dialogue:
 
 
 def committed(session: str, dialogue: Dialogue) -> Dialogue:
-    return events.RUNS.transition(session, None, lambda _d: dialogue, "Loading")
+    return handlers.RUNS.transition(session, None, lambda _d: dialogue, "Loading")
 
 
 def test_alternatives_are_one_batched_call_and_the_first_is_the_turn_step_makes(tiny_sim):
@@ -48,7 +46,7 @@ def test_alternatives_are_one_batched_call_and_the_first_is_the_turn_step_makes(
     turns = alternative_turns(tiny_sim, dialogue, SETTINGS, 4)
     assert [t.seed for t in turns] == alternative_seeds(SETTINGS.sampling.seed, 0, 4)
     assert len({t.seed for t in turns}) == 4 and len({t.text for t in turns}) >= 2  # different draws
-    step = engine.user_turn(dialogue, tiny_sim, SETTINGS)
+    step = transitions.user_turn(dialogue, tiny_sim, SETTINGS)
     assert turns[0].text == step.turns[0].text and turns[0].p_end == pytest.approx(step.turns[0].p_end, rel=1e-4)
     assert all(t.p_end == pytest.approx(turns[0].p_end, rel=1e-4) for t in turns)  # same prefix, same P(end)
 
@@ -59,8 +57,8 @@ def test_fork_then_continue_then_undo_restores_the_replaced_turns(session):
     assert "Drawing 5" in outs[0][1]
     choices = outs[-1][0]["choices"]
     assert len(choices) == 5 and all("P(end)" in label for label, _value in choices)
-    fork = events.RUNS.session_data(session)["fork"]
-    assert fork.number == 3 and events.RUNS.dialogue(session) == source  # drawing changes nothing
+    fork = handlers.RUNS.session_data(session)["fork"]
+    assert fork.number == 3 and handlers.RUNS.dialogue(session) == source  # drawing changes nothing
 
     made = branches.continue_fork(source, 2, session)[0]
     assert made.turns[:2] == source.turns[:2] and made.turns[2] == fork.turns[2] and len(made.turns) == 3
@@ -77,19 +75,19 @@ def test_fork_then_continue_then_undo_restores_the_replaced_turns(session):
 def test_a_fork_is_refused_once_the_dialogue_changed(session):
     source = committed(session, three_turns())
     list(branches.draw_fork(source, INTENT, None, 2, SETTINGS, session))  # the last user turn: turn 3
-    assert events.RUNS.session_data(session)["fork"].number == 3
-    changed = committed(session, engine.undo(source))
-    events.RUNS.session_data(session)["api"] = True  # refusals raise, as an API caller sees them
+    assert handlers.RUNS.session_data(session)["fork"].number == 3
+    changed = committed(session, transitions.undo(source))
+    handlers.RUNS.session_data(session)["api"] = True  # refusals raise, as an API caller sees them
     with pytest.raises(gr.Error, match="changed since these alternatives were drawn"):
         branches.continue_fork(changed, 1, session)
     with pytest.raises(gr.Error, match="assistant's"):
         list(branches.draw_fork(changed, INTENT, 2, 3, SETTINGS, session))
-    assert events.RUNS.dialogue(session) == changed
+    assert handlers.RUNS.dialogue(session) == changed
 
 
 def test_an_inline_edit_continues_from_the_turn_and_undo_brings_back_the_rest(session):
     source = committed(session, three_turns())
-    chat = events.chat_messages(source)
+    chat = handlers.chat_messages(source)
     assert chat[0]["metadata"]["title"].startswith("#1 · Simulated user ·") and chat[1]["content"].startswith("hi")
     out = branches.edit_in_chat(source, 1, "hi, I need a *vegan* cake [recipe]", session)
     made = out[0]
@@ -98,9 +96,9 @@ def test_an_inline_edit_continues_from_the_turn_and_undo_brings_back_the_rest(se
     assert "guardrail record is of the text it replaced" in out[1][0]["metadata"]["title"]
     assert "Undo brings back" in out[2]
     # the chat hands back the Markdown it showed: an unchanged edit is refused, not applied
-    events.RUNS.session_data(session)["api"] = True
+    handlers.RUNS.session_data(session)["api"] = True
     with pytest.raises(gr.Error, match="unchanged"):
-        branches.edit_in_chat(made, 1, events.chat_messages(made)[1]["content"], session)
+        branches.edit_in_chat(made, 1, handlers.chat_messages(made)[1]["content"], session)
     with pytest.raises(gr.Error, match="header"):
         branches.edit_in_chat(made, 0, "a badge", session)
     assert branches.undo(made, session)[0] == source
@@ -109,7 +107,7 @@ def test_an_inline_edit_continues_from_the_turn_and_undo_brings_back_the_rest(se
 def test_the_stream_of_a_turn_shows_the_speaker_and_the_header_first(session):
     from usersim_ui.core.protocols import Draft
 
-    chat = events.draft_messages(three_turns(), Draft("user", "so what", 3, 2, 1, ("sample 1 rejected: length",)))
+    chat = handlers.draft_messages(three_turns(), Draft("user", "so what", 3, 2, 1, ("sample 1 rejected: length",)))
     header, text = chat[-2], chat[-1]
     assert header["metadata"]["status"] == "pending" and header["metadata"]["title"].startswith(
         "#4 (writing) · Simulated user · sample 2")

@@ -23,14 +23,13 @@ TICKED = ("coding · Remove duplicates keeping order", "coding · Debounce a sea
 
 @pytest.fixture(scope="module")
 def batch_app(tiny_sim, tmp_path_factory):
-    from usersim_ui.app import batch_tab
-    from usersim_ui.app import zerogpu as gpu
+    from usersim_ui.app import batch_tab, zerogpu
     from usersim_ui.app.studio import build_app
 
     out = tmp_path_factory.mktemp("batch-out")
     server = LoopbackOpenAI("trickle", delay_s=0.15, words=8)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gpu, "_simulator", tiny_sim)
+        mp.setattr(zerogpu, "_simulator", tiny_sim)
         mp.setattr(batch_tab, "output_dir", lambda: out)
         demo = build_app(max_new_tokens=8, assistant_max_tokens=8, max_turns=3).queue(default_concurrency_limit=1)
         _app, url, _share = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)

@@ -67,9 +67,9 @@ def key_recording_server():
 @pytest.fixture
 def batch_tab(monkeypatch, tmp_path, tiny_sim):
     from usersim_ui.app import batch_tab as tab
-    from usersim_ui.app import zerogpu as gpu
+    from usersim_ui.app import zerogpu
 
-    monkeypatch.setattr(gpu, "_simulator", tiny_sim)
+    monkeypatch.setattr(zerogpu, "_simulator", tiny_sim)
     monkeypatch.setattr(tab, "output_dir", lambda: tmp_path / "out")
     return tab
 
@@ -485,7 +485,7 @@ def test_an_imported_hostile_dialogue_fetches_nothing_and_shows_no_form_in_chrom
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
         pytest.skip("Debian's chromium is not installed")
-    from usersim_ui.app import zerogpu as gpu
+    from usersim_ui.app import zerogpu
     from usersim_ui.app.studio import build_app
     from usersim_ui.core.dialogue import dialogues_to_jsonl
 
@@ -493,7 +493,7 @@ def test_an_imported_hostile_dialogue_fetches_nothing_and_shows_no_form_in_chrom
     upload = tmp_path / "hostile.jsonl"
     upload.write_text(dialogues_to_jsonl([hostile_dialogue(pixel.url)]), encoding="utf-8")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gpu, "_simulator", tiny_sim)
+        mp.setattr(zerogpu, "_simulator", tiny_sim)
         demo = build_app(max_new_tokens=8, assistant_max_tokens=8, max_turns=2).queue(default_concurrency_limit=1)
         _app, url, _share = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
         try:

@@ -29,9 +29,10 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from usersim_ui.app.handlers import START_TEXT
 from hostile_endpoint import HostileEndpoint
 from loopback_openai import LoopbackOpenAI
+
+from usersim_ui.app.handlers import START_TEXT
 
 gradio_client = pytest.importorskip("gradio_client")
 AppError = gradio_client.exceptions.AppError
@@ -210,25 +211,25 @@ def test_hostile_starting_and_stopping_runs_in_a_loop_costs_no_drawing(endpoint,
     """Drawing a dialogue's chat and charts costs ~0.25 s of CPU: a visitor who starts and stops
     runs in a loop made the server draw twice a cycle, starving everyone's model turns (the
     soak's waits for the model were 5x longer). A run that changes nothing draws nothing."""
-    from usersim_ui.app import handlers as events
+    from usersim_ui.app import handlers
     from usersim_ui.app.form import Form
     from usersim_ui.core.dialogue import Dialogue, Turn
 
     session = "hostile-drawing"
-    events.RUNS.forget(session)
+    handlers.RUNS.forget(session)
     shown = Dialogue(intent=INTENT, turns=(Turn("user", USER_TEXT),))  # what the page shows (its state)
     drawn: list[int] = []
-    real = events.render
-    monkeypatch.setattr(events, "render", lambda *a, **k: drawn.append(1) or real(*a, **k))
+    real = handlers.render
+    monkeypatch.setattr(handlers, "render", lambda *a, **k: drawn.append(1) or real(*a, **k))
     settings, backend = args(**via(endpoint.url))
     try:
         for _cycle in range(3):
-            run = events.run_turns(shown, INTENT, Form.parse(settings, backend), session, "assistant", 1)
+            run = handlers.run_turns(shown, INTENT, Form.parse(settings, backend), session, "assistant", 1)
             assert "Writing assistant turn" in next(run)[2]
-            events.RUNS.stop(session)
+            handlers.RUNS.stop(session)
             assert "Stopped" in list(run)[-1][2]
     finally:
-        events.RUNS.forget(session)
+        handlers.RUNS.forget(session)
     assert drawn == []
 
 
@@ -556,14 +557,13 @@ def test_hostile_refusals_reach_api_callers_with_their_reason(app_url, tmp_path)
 def test_hostile_refusals_are_printed_in_the_hosts_log(monkeypatch, capfd):
     """Python drops INFO lines when nothing configured logging, as in ``python app.py``: the app
     builder now sets it up, so a refusal is one line on stderr."""
-    from usersim_ui.app import handlers as events
-    from usersim_ui.app import studio
+    from usersim_ui.app import handlers, studio
 
     monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as in a plain `python app.py`
-    monkeypatch.setattr(events.log, "handlers", [])
+    monkeypatch.setattr(handlers.log, "handlers", [])
     studio.build_app()
     with pytest.warns(UserWarning):
-        events.refuse("Undo is not possible while a run is in flight: press Stop first.", "undo", "abcdef123456")
+        handlers.refuse("Undo is not possible while a run is in flight: press Stop first.", "undo", "abcdef123456")
     err = capfd.readouterr().err
     assert "refused undo (session abcdef12): Undo is not possible while a run is in flight" in err
 

@@ -30,3 +30,29 @@ def test_the_tier_contracts_are_kept():
     out = subprocess.run([lint], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "0 broken" in out.stdout
+
+
+def _layout_bullets() -> dict[str, str]:
+    """The README's Layout section, one text per bullet, keyed by the folder the bullet opens with."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    bullets: dict[str, str] = {}
+    for bullet in section.split("\n- ")[1:]:
+        head = bullet.split("`", 2)[1] if bullet.startswith("`") else ""
+        bullets[head] = " ".join(bullet.split())
+    return bullets
+
+
+def test_the_readme_layout_names_every_module():
+    """The README's Layout lists every module under its tier, so a new module cannot hide."""
+    bullets = _layout_bullets()
+    missing = []
+    for path in sorted((ROOT / "usersim_ui").rglob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        rel = path.relative_to(ROOT).as_posix()
+        folder = rel.rsplit("/", 1)[0] + "/"
+        text = bullets.get(folder, "") if folder != "usersim_ui/" else bullets.get(rel, "")
+        if f"`{path.name}`" not in text and f"`{rel}`" not in text:
+            missing.append(rel)
+    assert not missing, f"README's Layout does not name: {missing}"

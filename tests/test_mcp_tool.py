@@ -16,7 +16,7 @@ pytest.importorskip("mcp")
 from mcp import ClientSession  # noqa: E402
 from mcp.client.streamable_http import streamablehttp_client  # noqa: E402
 
-from usersim_ui.core import transitions as engine  # noqa: E402
+from usersim_ui.core import transitions  # noqa: E402
 from usersim_ui.core.dialogue import Dialogue, Turn  # noqa: E402
 
 INTENT = "You want to know how long before bedtime you should stop drinking coffee."
@@ -26,11 +26,11 @@ HISTORY = [{"role": "user", "content": "when should i stop coffee before bed"},
 
 @pytest.fixture(scope="module")
 def app_url(tiny_sim):
-    import usersim_ui.app.zerogpu as gpu
+    import usersim_ui.app.zerogpu as zerogpu
     from usersim_ui.app.studio import build_app
 
     patch = pytest.MonkeyPatch()
-    patch.setattr(gpu, "_simulator", tiny_sim)
+    patch.setattr(zerogpu, "_simulator", tiny_sim)
     demo = build_app().queue(default_concurrency_limit=1)
     _app, url, _share = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, mcp_server=True)
     yield url.rstrip("/")
@@ -76,7 +76,7 @@ def test_the_tools_turn_is_the_turn_the_core_makes_with_the_same_seed(app_url, t
     for m in HISTORY:
         dialogue = dialogue.with_turn(Turn(role=m["role"], text=m["content"]))
     settings = run_settings(seed=7, temperature=1.0, top_p=0.8, max_new_tokens=16, guardrails=True)
-    direct = engine.user_turn(dialogue, tiny_sim, settings).turns[-1]
+    direct = transitions.user_turn(dialogue, tiny_sim, settings).turns[-1]
     assert got["text"] == direct.text and got["ends_dialogue"] == direct.ends_dialogue
     assert got["p_end"] == direct.p_end and got["seed"] == direct.seed
     assert got["guardrails"] == [e.badge() for e in direct.guardrails]
@@ -93,7 +93,7 @@ def test_the_first_turn_needs_no_history_and_guardrails_can_be_off(app_url, tiny
 
     got = json.loads(call(app_url, {"intent": INTENT, "guardrails": False, "max_new_tokens": 8}).content[0].text)
     settings = run_settings(seed=0, temperature=1.0, top_p=0.8, max_new_tokens=8, guardrails=False)
-    direct = engine.user_turn(Dialogue(intent=INTENT), tiny_sim, settings).turns[-1]
+    direct = transitions.user_turn(Dialogue(intent=INTENT), tiny_sim, settings).turns[-1]
     assert (got["text"], got["p_end"], got["guardrails"]) == (direct.text, direct.p_end, [])
 
 

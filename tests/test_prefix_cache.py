@@ -11,7 +11,7 @@ import torch
 from conftest import biased_userlm
 
 import usersim_ui.users.local as simulator_module
-from usersim_ui.core import transitions as engine
+from usersim_ui.core import transitions
 from usersim_ui.core.dialogue import (
     Dialogue,
     GuardrailSettings,
@@ -108,10 +108,10 @@ def test_undo_edit_regenerate_import_and_trimming_match_a_fresh_prefill(llama_to
     spy = Spy(monkeypatch)
     check_turn(sim, model, spy, dialogue)  # a normal next turn
 
-    undone = engine.undo(engine.undo(dialogue))  # back to before the last exchange
+    undone = transitions.undo(transitions.undo(dialogue))  # back to before the last exchange
     check_turn(sim, model, spy, undone)
 
-    edited = engine.edit_turn(dialogue, 0, "actually, can we go in May instead?")  # the first user turn
+    edited = transitions.edit_turn(dialogue, 0, "actually, can we go in May instead?")  # the first user turn
     _t, first = check_turn(sim, model, spy, edited)
     assert first["cached"] < 40  # only the system part and the header survive an edit of turn 1
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from usersim_ui.analysis.safe_text import _FENCE, literal_markdown
-from usersim_ui.core import transitions as engine
+from usersim_ui.core import transitions
 from usersim_ui.core.dialogue import (
     Dialogue,
     GuardrailEvent,
@@ -60,7 +60,7 @@ def test_prompt_ids_hold_only_the_templates_own_special_tokens(llama_tok, intent
 @given(intent=st.one_of(any_text, st.text(min_size=MAX_INTENT_CHARS - 5, max_size=MAX_INTENT_CHARS + 5)))
 def test_validate_intent_raises_only_its_documented_value_errors(intent):
     try:
-        out = engine.validate_intent(intent)
+        out = transitions.validate_intent(intent)
     except ValueError as exc:
         assert type(exc) is ValueError
         message = str(exc)

@@ -6,9 +6,8 @@ import logging
 
 import pytest
 
-from usersim_ui.app import handlers as events
+from usersim_ui.app import handlers, zerogpu
 from usersim_ui.app.form import Form, settings_from_inputs
-from usersim_ui.app import zerogpu as gpu
 from usersim_ui.app.studio import control_states
 from usersim_ui.core.dialogue import Dialogue, GuardrailEvent, RejectedSample, Turn
 
@@ -21,10 +20,10 @@ SKIP = {"__type__": "update"}
 
 @pytest.fixture
 def tiny(monkeypatch, tiny_sim):
-    monkeypatch.setattr(gpu, "_simulator", tiny_sim)
-    events.RUNS.forget("handler-test")  # a fresh session: the server holds each session's latest dialogue
+    monkeypatch.setattr(zerogpu, "_simulator", tiny_sim)
+    handlers.RUNS.forget("handler-test")  # a fresh session: the server holds each session's latest dialogue
     yield "handler-test"
-    events.RUNS.forget("handler-test")
+    handlers.RUNS.forget("handler-test")
 
 
 def dialogues(gen) -> list[Dialogue]:
@@ -51,7 +50,7 @@ def test_settings_from_inputs_reads_every_box_and_names_the_bad_one():
 
 
 def test_auto_run_with_the_researcher_as_assistant_stops_for_their_reply(tiny):
-    outs = list(events.run_turns(None, INTENT, Form.parse(SETTINGS, RESEARCHER), tiny, None, None))
+    outs = list(handlers.run_turns(None, INTENT, Form.parse(SETTINGS, RESEARCHER), tiny, None, None))
     final = outs[-1]
     assert [t.role for t in final[0].turns] == ["user"]
     assert "You are the assistant" in final[2]  # the banner says why it stopped
@@ -59,38 +58,38 @@ def test_auto_run_with_the_researcher_as_assistant_stops_for_their_reply(tiny):
 
 def test_refusals_change_no_output_and_log_one_line(tiny, caplog):
     with caplog.at_level(logging.INFO, logger="usersim_ui"):
-        outs = list(events.run_turns(None, "  ", Form.parse(SETTINGS, RESEARCHER), tiny, None, 1))
-        assert outs == [(SKIP,) * events.N_VIEW]
-        outs = list(events.run_turns(None, INTENT, Form.parse(SETTINGS, RESEARCHER), tiny, "assistant", 1))
-        assert outs == [(SKIP,) * events.N_VIEW]
+        outs = list(handlers.run_turns(None, "  ", Form.parse(SETTINGS, RESEARCHER), tiny, None, 1))
+        assert outs == [(SKIP,) * handlers.N_VIEW]
+        outs = list(handlers.run_turns(None, INTENT, Form.parse(SETTINGS, RESEARCHER), tiny, "assistant", 1))
+        assert outs == [(SKIP,) * handlers.N_VIEW]
     lines = [r for r in caplog.records if r.getMessage().startswith("refused")]
     assert len(lines) == 2 and all(r.exc_info is None for r in lines)
     assert "user's turn" in lines[1].getMessage()
 
 
 def test_stop_between_turns_keeps_what_was_made(tiny):
-    gen = events.run_turns(None, INTENT, Form.parse(SETTINGS, RESEARCHER[:1] + LOCAL[1:]), tiny, None, None)
+    gen = handlers.run_turns(None, INTENT, Form.parse(SETTINGS, RESEARCHER[:1] + LOCAL[1:]), tiny, None, None)
     next(gen)  # the run has started (status shown)
     first = next_dialogue(gen)
-    events.RUNS.stop(tiny)
+    handlers.RUNS.stop(tiny)
     rest = dialogues(gen)
     assert len(first.turns) == 1 and rest[-1].turns == first.turns
 
 
 def test_a_guardrail_toggled_mid_run_applies_to_the_next_turn(tiny, smollm2):
-    gen = events.run_turns(None, INTENT, Form.parse(SETTINGS, LOCAL), tiny, None, 3)
+    gen = handlers.run_turns(None, INTENT, Form.parse(SETTINGS, LOCAL), tiny, None, 3)
     next(gen)
     first = next_dialogue(gen)
-    events.set_live_settings(tiny, settings_from_inputs(*SETTINGS[:5], False, *SETTINGS[6:]))
+    handlers.set_live_settings(tiny, settings_from_inputs(*SETTINGS[:5], False, *SETTINGS[6:]))
     last = dialogues(gen)[-1]
     assert first.turns[0].guardrail_settings.first_token_filter is True
     assert last.turns[2].guardrail_settings.first_token_filter is False
 
 
 def test_regenerate_draws_a_new_seed_each_time(tiny):
-    made = dialogues(events.run_turns(None, INTENT, Form.parse(SETTINGS, RESEARCHER), tiny, "user", 1))[-1]
-    again = dialogues(events.run_turns(made, INTENT, Form.parse(SETTINGS, RESEARCHER), tiny, None, 1, regenerate=True))[-1]
-    third = dialogues(events.run_turns(again, INTENT, Form.parse(SETTINGS, RESEARCHER), tiny, None, 1, regenerate=True))[-1]
+    made = dialogues(handlers.run_turns(None, INTENT, Form.parse(SETTINGS, RESEARCHER), tiny, "user", 1))[-1]
+    again = dialogues(handlers.run_turns(made, INTENT, Form.parse(SETTINGS, RESEARCHER), tiny, None, 1, regenerate=True))[-1]
+    third = dialogues(handlers.run_turns(again, INTENT, Form.parse(SETTINGS, RESEARCHER), tiny, None, 1, regenerate=True))[-1]
     assert len(third.turns) == 1 and len({made.turns[0].seed, again.turns[0].seed, third.turns[0].seed}) == 3
 
 
@@ -103,7 +102,7 @@ def test_render_shows_text_literally_and_badges_apart():
         Turn(role="assistant", text=nasty, words=8),
         Turn(role="user", text="", p_end=0.9, ends_dialogue=True),
     ))
-    state, chat, banner, *_rest = events.render(dialogue)
+    state, chat, banner, *_rest = handlers.render(dialogue)
     assert state is dialogue and "simulated user ended it" in banner
     # each turn: its header (speaker and badge, folded details), then its text
     assert chat[0]["metadata"]["title"].startswith("#1 · Simulated user · p_end 0.200")
@@ -137,20 +136,20 @@ def test_only_local_model_turns_take_a_gpu_slice(tiny, monkeypatch):
     from loopback_openai import LoopbackOpenAI
 
     calls: list[str] = []
-    real = gpu.model_turn_stream
+    real = zerogpu.model_turn_stream
 
     def counted(dialogue, *args):
         calls.append(dialogue.next_role)
         return real(dialogue, *args)
-    monkeypatch.setattr(gpu, "model_turn_stream", counted)
+    monkeypatch.setattr(zerogpu, "model_turn_stream", counted)
     server = LoopbackOpenAI("trickle", delay_s=0.0, words=4)
     try:
         endpoint = ["openai", "", 0.7, 16, server.url, "loopback", ""]
-        made = dialogues(events.run_turns(None, INTENT, Form.parse(SETTINGS, endpoint), tiny, None, 2))[-1]
+        made = dialogues(handlers.run_turns(None, INTENT, Form.parse(SETTINGS, endpoint), tiny, None, 2))[-1]
         assert [t.role for t in made.turns] == ["user", "assistant"] and calls == ["user"]
-        typed = events.send_reply(made, INTENT, "I typed this user turn myself", settings_from_inputs(*SETTINGS), tiny)[0]
+        typed = handlers.send_reply(made, INTENT, "I typed this user turn myself", settings_from_inputs(*SETTINGS), tiny)[0]
         assert typed.turns[-1].author == "researcher" and calls == ["user"]
-        assert typed.turns[-1].tokens == len(gpu.simulator().tokenizer.encode("I typed this user turn myself",
+        assert typed.turns[-1].tokens == len(zerogpu.simulator().tokenizer.encode("I typed this user turn myself",
                                                                              add_special_tokens=False))
     finally:
         server.close()
@@ -166,10 +165,10 @@ def test_a_turn_streams_into_the_chat_and_its_guardrail_story_folds_into_the_bad
     # 40 tokens a sample; at most 2 words, so the tiny model's first sample is rejected and the
     # retries (2, drawn together) are drawn as one batch
     settings = [1.0, 0.8, 40, 0, 3, False, False, 0, True, 1, 2, False, 2]
-    outs = list(events.run_turns(None, INTENT, Form.parse(settings, RESEARCHER), tiny, "user", 1))
+    outs = list(handlers.run_turns(None, INTENT, Form.parse(settings, RESEARCHER), tiny, "user", 1))
     drafts = [o for o in outs if o[0] == SKIP and isinstance(o[1], list)]
     assert len(drafts) >= 3
-    assert all(o[3:] == (SKIP,) * (events.N_VIEW - 3) for o in drafts)  # no chart is drawn per token
+    assert all(o[3:] == (SKIP,) * (handlers.N_VIEW - 3) for o in drafts)  # no chart is drawn per token
     pending = [o[1][-2] for o in drafts]  # the header of the turn being written, then its text
     assert all(m["metadata"]["status"] == "pending" and m["metadata"]["title"].startswith(
         "#1 (writing) · Simulated user · ") for m in pending)

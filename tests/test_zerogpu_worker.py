@@ -13,12 +13,12 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 
-from usersim_ui.app import zerogpu as gpu
+from usersim_ui.app import zerogpu
 from usersim_ui.assistants.registry import BackendSpec
-from usersim_ui.core import transitions as engine
-from usersim_ui.core.protocols import Draft
+from usersim_ui.core import transitions
 from usersim_ui.core.dialogue import Dialogue, GuardrailSettings, SamplingSettings
 from usersim_ui.core.errors import GenerationCancelled
+from usersim_ui.core.protocols import Draft
 
 
 def _import_wrappers():
@@ -43,53 +43,53 @@ OFF = GuardrailSettings(first_token_filter=False, no_early_ending=False, length_
 
 
 @pytest.fixture
-def zerogpu(monkeypatch, llama_tok):
-    """``gpu.model_turn_stream`` wrapped by spaces' ZeroGPU generator wrapper, on the tiny UserLM."""
+def forked_sim(monkeypatch, llama_tok):
+    """``zerogpu.model_turn_stream`` wrapped by spaces' ZeroGPU generator wrapper, on the tiny UserLM."""
     from conftest import userlm_sim
 
     sim = userlm_sim(llama_tok)
-    monkeypatch.setattr(gpu, "_simulator", sim)  # set before the fork: the worker inherits it, as on a Space
+    monkeypatch.setattr(zerogpu, "_simulator", sim)  # set before the fork: the worker inherits it, as on a Space
     schedule = SimpleNamespace(allowToken="t", nvidiaIndex=0, nvidiaUUID="cpu", idle=True)
     monkeypatch.setattr(wrappers.client, "schedule", lambda **kwargs: schedule)
     monkeypatch.setattr(wrappers.client, "release", lambda *args, **kwargs: None)
     monkeypatch.setattr(wrappers.client, "get_duration_seconds", lambda *args: 60)
     monkeypatch.setattr(wrappers, "worker_init", lambda **kwargs: None)  # no CUDA to hand over here
-    wrapped = wrappers.generator_function_wrapper(gpu.model_turn_stream, gpu.gpu_seconds, None)
-    monkeypatch.setattr(gpu, "model_turn_stream", wrapped)
+    wrapped = wrappers.generator_function_wrapper(zerogpu.model_turn_stream, zerogpu.gpu_seconds, None)
+    monkeypatch.setattr(zerogpu, "model_turn_stream", wrapped)
     return sim
 
 
-def long_turn_settings() -> engine.RunSettings:
+def long_turn_settings() -> transitions.RunSettings:
     # no stop token can come: the turn runs to max_new_tokens unless stopped
-    return engine.RunSettings(guardrails=OFF, sampling=SamplingSettings(max_new_tokens=3000, seed=1),
+    return transitions.RunSettings(guardrails=OFF, sampling=SamplingSettings(max_new_tokens=3000, seed=1),
                               context_budget=4096)
 
 
-def test_a_turn_made_in_the_forked_worker_is_the_turn_made_in_process(zerogpu, monkeypatch):
+def test_a_turn_made_in_the_forked_worker_is_the_turn_made_in_process(forked_sim, monkeypatch):
     settings = replace(long_turn_settings(), sampling=SamplingSettings(max_new_tokens=8, seed=3))
     dialogue = Dialogue(intent=INTENT)
-    forked = gpu.run_model_turn(dialogue, settings, BackendSpec(), 42, threading.Event())
-    local = engine.user_turn(dialogue, zerogpu, settings, seed=42)
+    forked = zerogpu.run_model_turn(dialogue, settings, BackendSpec(), 42, threading.Event())
+    local = transitions.user_turn(dialogue, forked_sim, settings, seed=42)
     assert forked.turns[0].text == local.turns[0].text and forked.turns[0].seed == 42
     assert forked.turns[0].p_end == pytest.approx(local.turns[0].p_end, rel=1e-6)
 
 
-def test_the_forked_worker_streams_the_turn_as_it_is_written(zerogpu):
+def test_the_forked_worker_streams_the_turn_as_it_is_written(forked_sim):
     """Drafts cross the process boundary while the turn is made: the text grows token by token
     and the last draft is the text the turn keeps."""
     settings = replace(long_turn_settings(), sampling=SamplingSettings(max_new_tokens=24, seed=5))
     drafts: list[Draft] = []
-    made = gpu.run_model_turn(Dialogue(intent=INTENT), settings, BackendSpec(), 11, threading.Event(), drafts.append)
+    made = zerogpu.run_model_turn(Dialogue(intent=INTENT), settings, BackendSpec(), 11, threading.Event(), drafts.append)
     assert len(drafts) >= 3 and all(d.role == "user" and d.sample == 1 for d in drafts)
     counts = [d.tokens for d in drafts if d.tokens]
     assert counts == sorted(counts) and len(set(counts)) >= 3  # growing, not one final burst
     assert drafts[-1].text == made.turns[0].text != ""
 
 
-def test_stop_ends_a_turn_in_the_forked_worker_within_a_token(zerogpu):
+def test_stop_ends_a_turn_in_the_forked_worker_within_a_token(forked_sim):
     ticks: list[float] = []
     stop = threading.Event()
-    stream = gpu.model_turn_stream(Dialogue(intent=INTENT), long_turn_settings(), BackendSpec(), 7)
+    stream = zerogpu.model_turn_stream(Dialogue(intent=INTENT), long_turn_settings(), BackendSpec(), 7)
     started = time.perf_counter()
     made = 0
     for item in stream:  # what run_model_turn does, with the token counts kept to check the bound
@@ -109,31 +109,31 @@ def test_stop_ends_a_turn_in_the_forked_worker_within_a_token(zerogpu):
     assert closed - stopped_at < max(2.0, 5 * per_token), (closed - stopped_at, per_token)
     assert closed - started < 60  # 3000 tokens would take far longer than this
     # the worker is reused for the next turn, with its own stop event cleared
-    again = gpu.run_model_turn(Dialogue(intent=INTENT), replace(long_turn_settings(), sampling=SamplingSettings(
+    again = zerogpu.run_model_turn(Dialogue(intent=INTENT), replace(long_turn_settings(), sampling=SamplingSettings(
         max_new_tokens=4, seed=1)), BackendSpec(), 8, threading.Event())
     assert len(again.turns) == 1
 
 
-def test_run_model_turn_raises_cancelled_when_stop_is_set_midway(zerogpu):
+def test_run_model_turn_raises_cancelled_when_stop_is_set_midway(forked_sim):
     stop = threading.Event()
     threading.Timer(1.0, stop.set).start()
     started = time.perf_counter()
     with pytest.raises(GenerationCancelled):
-        gpu.run_model_turn(Dialogue(intent=INTENT), long_turn_settings(), BackendSpec(), 7, stop)
+        zerogpu.run_model_turn(Dialogue(intent=INTENT), long_turn_settings(), BackendSpec(), 7, stop)
     assert time.perf_counter() - started < 10
 
 
-def test_a_backend_error_arrives_from_the_worker_with_its_message(zerogpu):
-    dialogue = engine.researcher_turn(Dialogue(intent=INTENT), "Hello there, I need help", long_turn_settings())
+def test_a_backend_error_arrives_from_the_worker_with_its_message(forked_sim):
+    dialogue = transitions.researcher_turn(Dialogue(intent=INTENT), "Hello there, I need help", long_turn_settings())
     spec = BackendSpec(kind="local", model="/nonexistent/assistant-model")
     with pytest.raises(gr.Error) as caught:
-        gpu.run_model_turn(dialogue, long_turn_settings(), spec, 1, threading.Event())
+        zerogpu.run_model_turn(dialogue, long_turn_settings(), spec, 1, threading.Event())
     assert "Could not load the local assistant model" in caught.value.message
     assert "/nonexistent" not in caught.value.message  # the host's paths stay in the host's log
     assert caught.value.title == "Assistant failed"
 
 
-def test_a_batch_from_the_tab_makes_its_user_turns_in_the_forked_worker(zerogpu, monkeypatch, tmp_path):
+def test_a_batch_from_the_tab_makes_its_user_turns_in_the_forked_worker(forked_sim, monkeypatch, tmp_path):
     """On a Space CUDA exists only inside @spaces.GPU: a batch's model turns must go there too."""
     import json
     import os
@@ -144,7 +144,7 @@ def test_a_batch_from_the_tab_makes_its_user_turns_in_the_forked_worker(zerogpu,
     from usersim_ui.app import batch_tab
 
     pids = []
-    forked = gpu.model_turn_stream  # spaces' wrapper: its generator runs in the worker, we see what it yields
+    forked = zerogpu.model_turn_stream  # spaces' wrapper: its generator runs in the worker, we see what it yields
 
     def watched(dialogue, settings, spec, seed):
         for item in forked(dialogue, settings, spec, seed):
@@ -152,9 +152,9 @@ def test_a_batch_from_the_tab_makes_its_user_turns_in_the_forked_worker(zerogpu,
                 pids.append(item.turns[-1].role)
             yield item
 
-    monkeypatch.setattr(gpu, "model_turn_stream", watched)
+    monkeypatch.setattr(zerogpu, "model_turn_stream", watched)
     monkeypatch.setattr(batch_tab, "output_dir", lambda: tmp_path)
-    monkeypatch.setattr(gpu, "_make_turn", _pid_recording(gpu._make_turn, tmp_path / "pids"))
+    monkeypatch.setattr(zerogpu, "_make_turn", _pid_recording(zerogpu._make_turn, tmp_path / "pids"))
     intents = tmp_path / "one.txt"
     intents.write_text("You want a cheap flight to Lisbon.\n")
     server = LoopbackOpenAI("trickle", delay_s=0.0, words=4)

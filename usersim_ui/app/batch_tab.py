@@ -4,7 +4,7 @@
 context. The handler, :func:`run_batch_ui`, is a plain function (tests call it directly) and
 is exposed as the API event ``batch_run``. One batch runs at a time in the app; it is the
 session's run in ``run_control``; each of its turns is made as the Studio tab makes one
-(``events.turn_maker``): a local-model turn runs in ``gpu.model_turn_stream`` (a ZeroGPU slice on
+(``handlers.turn_maker``): a local-model turn runs in ``zerogpu.model_turn_stream`` (a ZeroGPU slice on
 a Space, where CUDA exists only inside ``@spaces.GPU`` functions) behind the shared model slot,
 turn by turn, so interactive sessions keep their place in line and Stop ends the batch within a
 token.

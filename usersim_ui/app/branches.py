@@ -30,7 +30,7 @@ from usersim_ui.app.handlers import (
 )
 from usersim_ui.app.run_control import RunRefused
 from usersim_ui.app.zerogpu import run_fork
-from usersim_ui.core import transitions as engine
+from usersim_ui.core import transitions
 from usersim_ui.core.dialogue import Dialogue, Turn
 from usersim_ui.core.errors import GenerationCancelled
 from usersim_ui.core.transitions import RunSettings
@@ -81,7 +81,7 @@ def undo(dialogue: Dialogue | None, session: str) -> tuple[Any, ...]:
         if branches and branches[-1][0] == latest:
             restored.append(True)
             return branches.pop()[1]
-        return engine.undo(latest)
+        return transitions.undo(latest)
     return guarded("undo", session, dialogue, apply, "Undo",
                    notice=lambda _made: "Restored the turns the last branch replaced." if restored else None)
 
@@ -104,7 +104,7 @@ def edit_and_continue(dialogue: Dialogue | None, number: int, text: str, session
             raise ValueError(f"There is no turn {number} to edit.")
         if text.strip() == latest.turns[number - 1].text.strip():
             raise ValueError("The text is unchanged.")
-        edited = engine.edit_turn(latest, number - 1, text, count_tokens)
+        edited = transitions.edit_turn(latest, number - 1, text, count_tokens)
         return replace(edited, turns=edited.turns[:number],
                        ended_by=None if len(edited.turns) > number else edited.ended_by)
     return guarded("edit_turn", session, dialogue, _keeping_branch(session, edit), "Editing a turn",
@@ -174,7 +174,7 @@ def draw_fork(dialogue: Dialogue | None, intent: str, asked: Any, n: Any, settin
         with RUNS.start(session, visitor) as run:
             latest = begin(RUNS.dialogue(session, dialogue), intent)
             number = fork_number(latest, asked)
-            prefix = engine.fork_point(latest, number)
+            prefix = transitions.fork_point(latest, number)
             yield gr.update(choices=[], value=None), f"Drawing {count} things the user could say at turn {number}…"
             try:
                 with RUNS.model_slot(run):
@@ -207,7 +207,7 @@ def continue_fork(dialogue: Dialogue | None, choice: Any, session: str) -> tuple
     def take(latest: Dialogue) -> Dialogue:
         if latest != fork.source:
             raise ValueError("The dialogue changed since these alternatives were drawn: draw them again.")
-        return engine.with_user_turn(engine.fork_point(latest, fork.number), fork.turns[choice])
+        return transitions.with_user_turn(transitions.fork_point(latest, fork.number), fork.turns[choice])
     replaced = len(fork.source.turns) >= fork.number
     return guarded("continue_fork", session, dialogue, _keeping_branch(session, take),
                    "Continuing from an alternative",

@@ -34,7 +34,7 @@ from usersim_ui.app.zerogpu import (
     uses_local_model,
 )
 from usersim_ui.assistants.registry import BackendSpec, make_backend
-from usersim_ui.core import transitions as engine
+from usersim_ui.core import transitions
 from usersim_ui.core.dialogue import (
     Dialogue,
     dialogues_from_jsonl,
@@ -226,7 +226,7 @@ def render(dialogue: Dialogue, running: str | None = None, notice: str | None = 
             p_end_figure(dialogue, table), summary_text(dialogue, running=bool(running)), to_markdown(dialogue))
 
 
-def running_text(dialogue: Dialogue, settings: engine.RunSettings) -> str:
+def running_text(dialogue: Dialogue, settings: transitions.RunSettings) -> str:
     role = dialogue.next_role
     number = dialogue.user_turns + 1 if role == "user" else dialogue.user_turns
     return f"Writing {role} turn {number} of {settings.max_turns}…"
@@ -252,7 +252,7 @@ def draft_messages(dialogue: Dialogue, draft: Draft) -> list[dict[str, Any]]:
     ]
 
 
-def draft_view(dialogue: Dialogue, draft: Draft, settings: engine.RunSettings) -> tuple[Any, ...]:
+def draft_view(dialogue: Dialogue, draft: Draft, settings: transitions.RunSettings) -> tuple[Any, ...]:
     """The views while a turn is written: the chat and the status line (the charts wait for
     the turn: drawing them costs ~0.25 s of CPU, too much to spend a dozen times a second)."""
     status = running_text(dialogue, settings)
@@ -266,31 +266,31 @@ def draft_view(dialogue: Dialogue, draft: Draft, settings: engine.RunSettings) -
 def begin(dialogue: Dialogue | None, intent: str) -> Dialogue:
     """The dialogue to continue; before its first turn it takes the intent box as it is now."""
     if dialogue is None or not dialogue.turns:
-        return replace(dialogue or Dialogue(intent=""), intent=engine.validate_intent(intent),
+        return replace(dialogue or Dialogue(intent=""), intent=transitions.validate_intent(intent),
                        user_model=simulator().model_id)
     return dialogue
 
 
-def live_settings(session: str) -> engine.RunSettings | None:
+def live_settings(session: str) -> transitions.RunSettings | None:
     return RUNS.session_data(session).get("settings")  # type: ignore[return-value]
 
 
-def set_live_settings(session: str, settings: engine.RunSettings) -> None:
+def set_live_settings(session: str, settings: transitions.RunSettings) -> None:
     RUNS.session_data(session)["settings"] = settings
 
 
 def turn_maker(spec: BackendSpec, run: Run, regenerate_from: Dialogue | None, on_draft: OnDraft | None = None
-               ) -> Callable[[Dialogue, engine.RunSettings], Dialogue]:
+               ) -> Callable[[Dialogue, transitions.RunSettings], Dialogue]:
     """One turn of a run: local-model turns through the GPU function and the model slot;
     endpoint and researcher turns straight here (no GPU slice, no slot). ``on_draft`` hears
     the turn as it is written."""
-    def make(dialogue: Dialogue, settings: engine.RunSettings) -> Dialogue:
+    def make(dialogue: Dialogue, settings: transitions.RunSettings) -> Dialogue:
         if run.stop.is_set():
             raise GenerationCancelled("stopped between turns")
-        # None: the engine's default, the seed scheme's seed for this position
-        seed = engine.regeneration_seed(regenerate_from, settings) if regenerate_from is not None else None
+        # None: the seed scheme's seed for this position
+        seed = transitions.regeneration_seed(regenerate_from, settings) if regenerate_from is not None else None
         if not uses_local_model(dialogue, spec):
-            return engine.assistant_turn(dialogue, make_backend(spec), settings, run.stop, seed, on_draft)
+            return transitions.assistant_turn(dialogue, make_backend(spec), settings, run.stop, seed, on_draft)
         with RUNS.model_slot(run):
             return run_model_turn(dialogue, settings, spec, seed, run.stop, on_draft)
     return make
@@ -320,14 +320,14 @@ def run_turns(dialogue: Dialogue | None, intent: str, form: Form, session: str, 
                     # an edit, undo or fork came first: the turn Regenerate was pressed for is gone
                     raise ValueError("The last turn changed after Regenerate was pressed; press it again to "
                                      "regenerate the turn shown now.")
-                original, start = dialogue, engine.undo(dialogue)
+                original, start = dialogue, transitions.undo(dialogue)
             else:
                 original = start = begin(dialogue, intent)
             if role is not None and start.next_role != role:
                 raise ValueError(f"It is the {start.next_role}'s turn.")
             if start.next_role == "assistant" and spec.kind == "researcher":
-                raise engine.NeedsResearcher("You are the assistant: type the reply and press Send.")
-            start = engine.ensure_open(start, settings)
+                raise transitions.NeedsResearcher("You are the assistant: type the reply and press Send.")
+            start = transitions.ensure_open(start, settings)
             yield from _run(run, original, start, settings, spec, session, max_new_turns, regenerate, shown)
     except (RunRefused, *USER_ERRORS) as exc:
         yield refuse(str(exc), event, session)
@@ -340,7 +340,7 @@ def stopped_text(run: Run) -> str:
     return "Stopped. The dialogue so far is kept."
 
 
-def _run(run: Run, original: Dialogue, start: Dialogue, settings: engine.RunSettings, spec: BackendSpec,
+def _run(run: Run, original: Dialogue, start: Dialogue, settings: transitions.RunSettings, spec: BackendSpec,
          session: str, max_new_turns: int | None, regenerate: bool,
          shown: Dialogue | None = None) -> Iterator[tuple[Any, ...]]:
     """``shown``: the dialogue the caller shows (the page's state); when the run starts from it
@@ -359,7 +359,7 @@ def _run(run: Run, original: Dialogue, start: Dialogue, settings: engine.RunSett
     box, drafted = DraftBox(), False
     make = turn_maker(spec, run, original if regenerate else None, box.put)
     try:
-        for item in with_drafts(lambda: engine.run(start, make, now, max_new_turns), box, run.stop):
+        for item in with_drafts(lambda: transitions.run(start, make, now, max_new_turns), box, run.stop):
             if isinstance(item, Draft):  # the turn being written: the chat and the status line only
                 drafted = True
                 yield draft_view(current, item, now())
@@ -417,10 +417,10 @@ def end_dialogue(dialogue: Dialogue | None, session: str) -> tuple[Any, ...]:
     def end(latest: Dialogue | None) -> Dialogue:
         if latest is None or not latest.turns:
             raise ValueError("There is no dialogue to end yet.")
-        return engine.end_by_researcher(latest)
+        return transitions.end_by_researcher(latest)
 
     def end_run(made: Dialogue) -> Dialogue:  # the run's last word: it stops either way
-        return engine.end_by_researcher(made) if made.turns else made
+        return transitions.end_by_researcher(made) if made.turns else made
     return cancel_then("end_dialogue", session, dialogue, end, on_run=end_run)
 
 
@@ -429,12 +429,12 @@ def reset(dialogue: Dialogue | None, intent: str, session: str) -> tuple[Any, ..
     return cancel_then("reset", session, dialogue, lambda _d: fresh)
 
 
-def send_reply(dialogue: Dialogue | None, intent: str, text: str, settings: engine.RunSettings,
+def send_reply(dialogue: Dialogue | None, intent: str, text: str, settings: transitions.RunSettings,
                session: str) -> tuple[Any, ...]:
     """The researcher's typed turn; the reply box empties only when the turn was taken."""
     try:
         made = RUNS.transition(
-            session, dialogue, lambda latest: engine.researcher_turn(begin(latest, intent), text, settings,
+            session, dialogue, lambda latest: transitions.researcher_turn(begin(latest, intent), text, settings,
                                                                      count_user_tokens), "Sending a reply")
         return render(made) + ("",)
     except (RunRefused, *USER_ERRORS) as exc:
@@ -499,7 +499,7 @@ def import_file(file: Any, session: str) -> tuple[Any, ...]:
             raise ValueError("The file holds no dialogue.")
         for number, imported in enumerate(dialogues, 1):
             try:
-                engine.validate_intent(imported.intent)
+                transitions.validate_intent(imported.intent)
             except ValueError as exc:
                 raise ValueError(f"dialogue {number}: {exc}") from exc
         shown = RUNS.transition(session, None, lambda _latest: dialogues[0], "Importing")

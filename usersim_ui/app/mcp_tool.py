@@ -34,7 +34,7 @@ from usersim_ui.app.handlers import RUNS, turn_maker, visitor_of
 from usersim_ui.app.run_control import RunRefused
 from usersim_ui.app.zerogpu import USER_ERRORS, simulator
 from usersim_ui.assistants.registry import BackendSpec
-from usersim_ui.core import transitions as engine
+from usersim_ui.core import transitions
 from usersim_ui.core.dialogue import dialogue_from_dict
 from usersim_ui.core.errors import GenerationCancelled
 from usersim_ui.core.guardrails import GuardrailSettings
@@ -60,7 +60,7 @@ def parse_history(history: list[dict[str, str]] | str | None) -> list[dict[str, 
     return history
 
 
-def run_settings(seed: int, temperature: float, top_p: float, max_new_tokens: int, guardrails: bool) -> engine.RunSettings:
+def run_settings(seed: int, temperature: float, top_p: float, max_new_tokens: int, guardrails: bool) -> transitions.RunSettings:
     """The page's settings form with the paper's guardrail values (all on, or all off)."""
     g = GuardrailSettings()
     return settings_from_inputs(temperature, top_p, max_new_tokens, seed, MAX_TURNS // 2,
@@ -91,14 +91,14 @@ def simulated_user_turn(intent: str, history: list[dict[str, str]] | str = "[]",
         JSON text of an object with text (the user's turn), ends_dialogue (whether the user ends the conversation with it), p_end (the probability the user ends it here, read before any guardrail masks the end), seed (the turn's exact seed), guardrails (what each guardrail did) and model (which model played the user).
     """
     try:
-        intent = engine.validate_intent(intent)
+        intent = transitions.validate_intent(intent)
         messages = parse_history(history)
         dialogue = dialogue_from_dict({"intent": intent, "messages": messages}, max_text_chars=MAX_TURN_CHARS,
                                       max_turns=MAX_TURNS - 1)
         settings = run_settings(seed, temperature, top_p, max_new_tokens, bool(guardrails))
         if dialogue.next_role != "user":
             raise ValueError("The history ends with a user message: the assistant answers next, not the user.")
-        dialogue = engine.ensure_open(dialogue, settings)
+        dialogue = transitions.ensure_open(dialogue, settings)
         # each call is its own session, but it counts against its caller's runs like a page's run
         with RUNS.start(f"mcp-{uuid.uuid4().hex}", visitor_of(request)) as run:
             after = turn_maker(BackendSpec(), run, None)(dialogue, settings)

@@ -1,7 +1,7 @@
-"""The Gradio page: lays out components and wires each event to a handler in ``events``.
+"""The Gradio page: lays out components and wires each event to a handler in ``handlers``.
 
-Data flows one way: event -> handler -> core function (``engine``) -> new ``Dialogue`` in
-``gr.State`` -> ``events.render``. Overlapping events follow ``run_control``'s design; an event
+Data flows one way: event -> handler -> core transition (``core.transitions``) -> new
+``Dialogue`` in ``gr.State`` -> ``handlers.render``. Overlapping events follow ``run_control``'s design; an event
 that cannot apply is a toast, and every output stays as it was.
 """
 
@@ -14,8 +14,7 @@ from typing import Any
 import gradio as gr
 
 from usersim_ui.analysis.charts import guardrail_figure
-from usersim_ui.app import branches
-from usersim_ui.app import handlers as events
+from usersim_ui.app import branches, handlers
 from usersim_ui.app.batch_tab import build_batch_tab
 from usersim_ui.app.branches import FORK_DEFAULT, FORK_MAX
 from usersim_ui.app.examples import load_examples
@@ -24,7 +23,7 @@ from usersim_ui.app.mcp_tool import register as register_user_turn_tool
 from usersim_ui.app.style import STUDIO_CSS
 from usersim_ui.app.zerogpu import simulator
 from usersim_ui.assistants.registry import PAGE_CHOICES
-from usersim_ui.core import transitions as engine
+from usersim_ui.core import transitions
 from usersim_ui.core.dialogue import Dialogue
 from usersim_ui.core.guardrails import GUARDRAILS
 from usersim_ui.core.intents import load_sample_intents
@@ -153,7 +152,7 @@ def _dialogue_panel(intents: list[Any]) -> tuple[Any, Any, dict[str, Any], Any, 
                          editable="all", examples=[{"text": i.title} for i in intents],
                          placeholder="**Pick a sample intent** (one click starts a dialogue), or write your own "
                                      "intent above and press **Step**.")
-    banner = gr.Markdown(events.START_TEXT, elem_id="banner")
+    banner = gr.Markdown(handlers.START_TEXT, elem_id="banner")
     buttons: dict[str, Any] = {}
     with gr.Row(elem_id="run-controls"):
         buttons["step"] = gr.Button("Step", variant="primary", min_width=90)
@@ -271,8 +270,8 @@ def control_states(dialogue: Dialogue | None, kind: str, max_turns: float | None
     has_turns = bool(dialogue.turns)
     no_intent = not has_turns and intent is not None and not intent.strip()
     try:
-        open_ = not engine.ensure_open(dialogue, engine.RunSettings(max_turns=int(max_turns or 1))).ended_by
-    except engine.DialogueOver:
+        open_ = not transitions.ensure_open(dialogue, transitions.RunSettings(max_turns=int(max_turns or 1))).ended_by
+    except transitions.DialogueOver:
         open_ = False
     user_next = dialogue.next_role == "user"
     you = kind == "researcher"
@@ -301,7 +300,7 @@ def _controls(page: Page) -> Any:
 
     def update(dialogue: Dialogue | None, kind: str, max_turns: float | None, intent: str | None,
                request: gr.Request) -> list[Any]:
-        return updates(dialogue, kind, max_turns, events.RUNS.in_flight(events.session_of(request)), intent)
+        return updates(dialogue, kind, max_turns, handlers.RUNS.in_flight(handlers.session_of(request)), intent)
 
     def lock() -> list[Any]:  # on click, before the run has registered: already as during a run
         return updates(None, "local", None, busy=True)
@@ -316,24 +315,24 @@ def _controls(page: Page) -> Any:
 def _wire_runs(page: Page, update: Any, lock: Any, outputs: list[Any], refresh_inputs: list[Any]) -> None:
     n_set, n_back = len(page.settings), len(page.backend)
     inputs = [page.state, page.intent, *page.settings, *page.backend, *page.extra]
-    events.checked_numbers(inputs)  # "abc" in a number box: a refusal naming the box, not gradio's TypeError
+    handlers.checked_numbers(inputs)  # "abc" in a number box: a refusal naming the box, not gradio's TypeError
 
     def handler(role: str | None, max_new: int | None, regenerate: bool, event: str):
         def run(request: gr.Request, dialogue, intent_text, *values):
-            session = events.session_of(request)
+            session = handlers.session_of(request)
             try:
                 form = Form.parse(values[:n_set], values[n_set:n_set + n_back], values[n_set + n_back:])
             except ValueError as exc:
-                yield events.refuse(str(exc), event, session)
+                yield handlers.refuse(str(exc), event, session)
                 return
-            yield from events.run_turns(dialogue, intent_text, form, session, role, max_new, regenerate, event,
-                                        visitor=events.visitor_of(request))
+            yield from handlers.run_turns(dialogue, intent_text, form, session, role, max_new, regenerate, event,
+                                        visitor=handlers.visitor_of(request))
         return run
 
     def clicked(request: gr.Request) -> list[Any]:
         # A new click supersedes a Stop that found no run; a Stop pressed from here on reaches
         # this run even before it registers (run_control remembers it).
-        events.RUNS.clear_stop(events.session_of(request))
+        handlers.RUNS.clear_stop(handlers.session_of(request))
         return lock()
 
     runs = {"next_user_turn": ("user", 1, False), "next_assistant_turn": ("assistant", 1, False),
@@ -343,7 +342,7 @@ def _wire_runs(page: Page, update: Any, lock: Any, outputs: list[Any], refresh_i
         # (so Stop reaches a waiting run), bounded by RunControl.max_runs instead.
         page.buttons[name].click(clicked, None, outputs, queue=False, api_name=False).then(
             handler(role, max_new, regenerate, name), inputs, page.view, api_name=name,
-            concurrency_id="runs", concurrency_limit=events.RUNS.max_runs + 4,
+            concurrency_id="runs", concurrency_limit=handlers.RUNS.max_runs + 4,
         ).then(update, refresh_inputs, outputs, queue=False, api_name=False)
 
     def pick_sample(picked: gr.SelectData, request: gr.Request) -> list[Any]:
@@ -353,83 +352,83 @@ def _wire_runs(page: Page, update: Any, lock: Any, outputs: list[Any], refresh_i
     def start_sample(request: gr.Request, dialogue, intent_text, *values):
         """One click on a sample intent: on an empty dialogue it makes the first exchange; a
         dialogue with turns is kept (its intent is fixed): Reset starts one with the new intent."""
-        latest = events.RUNS.dialogue(events.session_of(request), dialogue)
+        latest = handlers.RUNS.dialogue(handlers.session_of(request), dialogue)
         if latest is not None and latest.turns:
-            yield events.notice_only("Intent set. Press **Reset** to start a new dialogue with it; the dialogue "
+            yield handlers.notice_only("Intent set. Press **Reset** to start a new dialogue with it; the dialogue "
                                      "shown stays until then.")
             return
         yield from handler(None, 2, False, "sample_intent")(request, dialogue, intent_text, *values)
 
     page.chatbot.example_select(pick_sample, None, outputs + [page.intent], queue=False, api_name=False).then(
         start_sample, inputs, page.view, api_name=False,
-        concurrency_id="runs", concurrency_limit=events.RUNS.max_runs + 4,
+        concurrency_id="runs", concurrency_limit=handlers.RUNS.max_runs + 4,
     ).then(update, refresh_inputs, outputs, queue=False, api_name=False)
 
     def draw_fork(request: gr.Request, dialogue, intent_text, at, n, *values):
-        session = events.session_of(request)
+        session = handlers.session_of(request)
         try:
             form = Form.parse(values[:n_set], values[n_set:n_set + n_back], values[n_set + n_back:])
         except ValueError as exc:
-            events.refuse(str(exc), "fork", session)
+            handlers.refuse(str(exc), "fork", session)
             yield gr.skip(), gr.skip()
             return
         yield from branches.draw_fork(dialogue, intent_text, at, n, form.settings, session,
-                                      events.visitor_of(request))
+                                      handlers.visitor_of(request))
 
     fork = page.fork
-    events.checked_numbers([fork.at, fork.n])
+    handlers.checked_numbers([fork.at, fork.n])
     page.buttons["fork"].click(lambda: [*lock(), gr.update(open=True)], None, outputs + [fork.box], queue=False,
                                api_name=False).then(
         draw_fork, [page.state, page.intent, fork.at, fork.n, *inputs[2:]], [fork.choices, page.view[2]],
-        api_name="fork", concurrency_id="runs", concurrency_limit=events.RUNS.max_runs + 4,
+        api_name="fork", concurrency_id="runs", concurrency_limit=handlers.RUNS.max_runs + 4,
     ).then(update, refresh_inputs, outputs, queue=False, api_name=False)
 
     def continue_fork(request: gr.Request, dialogue, choice):
-        return branches.continue_fork(dialogue, choice, events.session_of(request))
+        return branches.continue_fork(dialogue, choice, handlers.session_of(request))
     page.buttons["continue_fork"].click(continue_fork, [page.state, fork.choices], page.view, api_name="continue_fork")
 
     def stop(request: gr.Request) -> None:
-        events.RUNS.stop(events.session_of(request))
+        handlers.RUNS.stop(handlers.session_of(request))
     page.buttons["stop"].click(stop, None, None, api_name="stop", queue=False)
 
 
 def _wire_edits(page: Page) -> None:
-    events.checked_numbers([page.edit_no])
+    handlers.checked_numbers([page.edit_no])
 
     def undo(request: gr.Request, dialogue):
-        return branches.undo(dialogue, events.session_of(request))
+        return branches.undo(dialogue, handlers.session_of(request))
     page.buttons["undo"].click(undo, [page.state], page.view, api_name="undo")
 
     def edit(request: gr.Request, dialogue, number, text):
-        session = events.session_of(request)
+        session = handlers.session_of(request)
         try:
             number = int(number_input(number, "Turn #", 1, 10**6))
         except ValueError as exc:
-            return events.refuse(str(exc), "edit_turn", session)
-        return branches.edit_and_continue(dialogue, number, text or "", session, events.count_user_tokens)
+            return handlers.refuse(str(exc), "edit_turn", session)
+        return branches.edit_and_continue(dialogue, number, text or "", session, handlers.count_user_tokens)
     page.buttons["edit_turn"].click(edit, [page.state, page.edit_no, page.edit_text], page.view, api_name="edit_turn")
 
     def edit_in_chat(request: gr.Request, dialogue, data: gr.EditData):
         return branches.edit_in_chat(dialogue, data.index if isinstance(data.index, int) else data.index[0],
-                                     str(data.value), events.session_of(request), events.count_user_tokens)
+                                     str(data.value), handlers.session_of(request), handlers.count_user_tokens)
     page.chatbot.edit(edit_in_chat, [page.state], page.view, api_name=False)
 
     def end(request: gr.Request, dialogue):
-        return events.end_dialogue(dialogue, events.session_of(request))
+        return handlers.end_dialogue(dialogue, handlers.session_of(request))
     page.buttons["end_dialogue"].click(end, [page.state], page.view, api_name="end_dialogue", concurrency_limit=None)
 
     def reset(request: gr.Request, dialogue, intent_text):
-        return events.reset(dialogue, intent_text, events.session_of(request))
+        return handlers.reset(dialogue, intent_text, handlers.session_of(request))
     page.buttons["reset"].click(reset, [page.state, page.intent], page.view, api_name="reset", concurrency_limit=None)
     page.chatbot.clear(reset, [page.state, page.intent], page.view, api_name=False, concurrency_limit=None)
 
     def send(request: gr.Request, dialogue, intent_text, text, *values):
-        session = events.session_of(request)
+        session = handlers.session_of(request)
         try:
             settings = settings_from_inputs(*values)
         except ValueError as exc:
-            return events.refuse(str(exc), "send_reply", session) + (gr.skip(),)
-        return events.send_reply(dialogue, intent_text, text, settings, session)
+            return handlers.refuse(str(exc), "send_reply", session) + (gr.skip(),)
+        return handlers.send_reply(dialogue, intent_text, text, settings, session)
     send_inputs = [page.state, page.intent, page.your_reply, *page.settings, *page.extra]
     page.buttons["send_reply"].click(send, send_inputs, page.view + [page.your_reply], api_name="send_reply")
     page.your_reply.submit(send, send_inputs, page.view + [page.your_reply], api_name=False)
@@ -437,16 +436,16 @@ def _wire_edits(page: Page) -> None:
 
 def _wire_files(page: Page) -> None:
     def export(request: gr.Request, dialogue):
-        return events.export_file(dialogue, events.session_of(request))
+        return handlers.export_file(dialogue, handlers.session_of(request))
     page.buttons["export_jsonl"].click(export, [page.state], [page.export_file], api_name="export_jsonl")
 
     def load(request: gr.Request, file):
-        return events.import_file(file, events.session_of(request))
+        return handlers.import_file(file, handlers.session_of(request))
     page.import_file.upload(load, [page.import_file], page.view + [page.intent], api_name="import_jsonl")
 
     if page.gallery is not None:
         def load_example(request: gr.Request, index: int):
-            return events.load_example_at(page.examples, index, events.session_of(request))
+            return handlers.load_example_at(page.examples, index, handlers.session_of(request))
         page.gallery.click(load_example, [page.gallery], page.view + [page.intent], api_name="load_example",
                            js=CONFIRM_REPLACE)
 
@@ -454,7 +453,7 @@ def _wire_files(page: Page) -> None:
 def _wire_settings(page: Page) -> None:
     def update_live(request: gr.Request, *values):
         try:
-            events.set_live_settings(events.session_of(request), settings_from_inputs(*values))
+            handlers.set_live_settings(handlers.session_of(request), settings_from_inputs(*values))
         except ValueError as exc:
             gr.Warning(str(exc))
     live_inputs = page.settings + page.extra
@@ -470,7 +469,7 @@ def _wire_settings(page: Page) -> None:
 CONFIRM_REPLACE = f"""(index) => {{
   const shown = document.querySelector('#dialogue .message-row');
   return (!shown || confirm('Replace the dialogue shown with this example? Export it first to keep it.'))
-    ? index : {events.KEEP_SHOWN};
+    ? index : {handlers.KEEP_SHOWN};
 }}"""
 
 # On a phone the settings sidebar would cover the page: it starts closed there (its toggle opens it).
@@ -483,7 +482,7 @@ CLOSE_SIDEBAR_ON_PHONE = """() => {
 def build_app(max_new_tokens: int = 64, assistant_max_tokens: int = 256, max_turns: int = 6) -> gr.Blocks:
     """The page; the arguments set the initial slider values (short user turns keep a CPU demo brisk)."""
     # Exported files and uploads in gradio's cache are deleted an hour after they were made.
-    events.configure_logging()  # refusals and failed runs are printed where the host sees them
+    handlers.configure_logging()  # refusals and failed runs are printed where the host sees them
     with warnings.catch_warnings():
         # Gradio 6 takes css at launch(); given here it is still used by any launch() that passes
         # none (tests, the soak), so every launch of this page looks the same. app.py passes it too.
@@ -506,6 +505,6 @@ def build_app(max_new_tokens: int = 64, assistant_max_tokens: int = 256, max_tur
         register_user_turn_tool()  # /simulated_user_turn: an API endpoint, an MCP tool with USERSIM_MCP=1
 
         def release(request: gr.Request) -> None:
-            events.RUNS.forget(events.session_of(request))
+            handlers.RUNS.forget(handlers.session_of(request))
         demo.unload(release)
     return demo

@@ -25,7 +25,7 @@ import gradio as gr
 import spaces
 
 from usersim_ui.assistants.registry import BackendSpec, kind_of, make_backend
-from usersim_ui.core import transitions as engine
+from usersim_ui.core import transitions
 from usersim_ui.core.dialogue import Dialogue, Turn
 from usersim_ui.core.errors import BackendError, ContextTooLong, GenerationCancelled
 from usersim_ui.core.protocols import Draft, OnDraft
@@ -34,7 +34,7 @@ from usersim_ui.users.local import UserSimulator
 from usersim_ui.users.registry import default_simulator
 
 # Errors a researcher can act on: shown as a message, never as a traceback.
-USER_ERRORS = (ValueError, BackendError, engine.DialogueOver, engine.NeedsResearcher, ContextTooLong)
+USER_ERRORS = (ValueError, BackendError, transitions.DialogueOver, transitions.NeedsResearcher, ContextTooLong)
 GPU_SECONDS_MAX = 120  # ZeroGPU refuses ("illegal duration") much more than this on a shared GPU
 HEARTBEAT_S = 0.02  # a yield at least this often, token or not: ZeroGPU's worker sees Stop only at a yield
 _DONE = object()
@@ -55,7 +55,7 @@ def uses_local_model(dialogue: Dialogue, spec: BackendSpec) -> bool:
     return dialogue.next_role == "user" or kind_of(spec).uses_local_model
 
 
-def gpu_seconds(dialogue: Dialogue, settings: engine.RunSettings, spec: BackendSpec, seed: int | None) -> int:
+def gpu_seconds(dialogue: Dialogue, settings: transitions.RunSettings, spec: BackendSpec, seed: int | None) -> int:
     """The GPU slice to ask ZeroGPU for: the turn's token budget at a conservative 20 tokens/s."""
     if dialogue.next_role == "user":
         rounds = 1 + (settings.guardrails.retry_cap if settings.guardrails.length_thresholds
@@ -72,11 +72,11 @@ def as_gradio_error(exc: BaseException) -> gr.Error:
     return gr.Error(str(exc), title=title, print_exception=False)
 
 
-def _make_turn(dialogue: Dialogue, settings: engine.RunSettings, spec: BackendSpec, seed: int | None,
+def _make_turn(dialogue: Dialogue, settings: transitions.RunSettings, spec: BackendSpec, seed: int | None,
                stop: threading.Event, on_draft: OnDraft) -> Dialogue:
     if dialogue.next_role == "user":
-        return engine.user_turn(dialogue, simulator(), settings, stop, seed, on_draft)
-    return engine.assistant_turn(dialogue, make_backend(spec), settings, stop, seed, on_draft)
+        return transitions.user_turn(dialogue, simulator(), settings, stop, seed, on_draft)
+    return transitions.assistant_turn(dialogue, make_backend(spec), settings, stop, seed, on_draft)
 
 
 def _in_worker(job: Callable[[threading.Event, OnDraft], object]) -> Iterator[object]:
@@ -127,22 +127,22 @@ def _in_worker(job: Callable[[threading.Event, OnDraft], object]) -> Iterator[ob
 
 
 @spaces.GPU(duration=gpu_seconds)
-def model_turn_stream(dialogue: Dialogue, settings: engine.RunSettings, spec: BackendSpec,
+def model_turn_stream(dialogue: Dialogue, settings: transitions.RunSettings, spec: BackendSpec,
                       seed: int | None) -> Iterator[Draft | None | Dialogue]:
     """One model turn: yields the turn's latest :class:`Draft` whenever it changed (a token, a
     new draw), ``None`` as a heartbeat between them, then the new dialogue. Plain data in and
-    out, so that ZeroGPU can pickle it. ``seed`` None: the engine's default for the turn's
+    out, so that ZeroGPU can pickle it. ``seed`` None: the seed scheme's seed for the turn's
     position."""
     yield from _in_worker(lambda stop, on_draft: _make_turn(dialogue, settings, spec, seed, stop, on_draft))  # type: ignore[misc]
 
 
-def fork_seconds(dialogue: Dialogue, settings: engine.RunSettings, n: int) -> int:
+def fork_seconds(dialogue: Dialogue, settings: transitions.RunSettings, n: int) -> int:
     """The GPU slice for a fork: one turn's budget (its rows go as one batch) and a little per row."""
     return int(min(GPU_SECONDS_MAX, gpu_seconds(dialogue, settings, BackendSpec(), None) + n))
 
 
 @spaces.GPU(duration=fork_seconds)
-def fork_stream(dialogue: Dialogue, settings: engine.RunSettings, n: int) -> Iterator[None | tuple[Turn, ...]]:
+def fork_stream(dialogue: Dialogue, settings: transitions.RunSettings, n: int) -> Iterator[None | tuple[Turn, ...]]:
     """``n`` alternative next user turns of ``dialogue`` in one batched call (heartbeats, then
     the turns): the fork's work, in the GPU worker as a turn's is."""
     yield from _in_worker(lambda stop, _draft: tuple(  # type: ignore[misc]
@@ -166,12 +166,12 @@ def _drive(stream: Iterator[object], stop: threading.Event, on_draft: OnDraft | 
     raise GenerationCancelled("the model's work ended without a result")
 
 
-def run_fork(dialogue: Dialogue, settings: engine.RunSettings, n: int, stop: threading.Event) -> tuple[Turn, ...]:
+def run_fork(dialogue: Dialogue, settings: transitions.RunSettings, n: int, stop: threading.Event) -> tuple[Turn, ...]:
     """:func:`fork_stream` driven from the main process, stoppable like a turn."""
     return _drive(fork_stream(dialogue, settings, n), stop, None, tuple)
 
 
-def run_model_turn(dialogue: Dialogue, settings: engine.RunSettings, spec: BackendSpec, seed: int | None,
+def run_model_turn(dialogue: Dialogue, settings: transitions.RunSettings, spec: BackendSpec, seed: int | None,
                    stop: threading.Event, on_draft: OnDraft | None = None) -> Dialogue:
     """Drive :func:`model_turn_stream` from the main process; Stop closes it between two tokens;
     ``on_draft`` hears each draft the worker sends."""

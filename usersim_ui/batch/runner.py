@@ -393,7 +393,7 @@ def arms_from_records(records: Sequence[dict[str, Any]]) -> dict[str, list[Dialo
 class Serialised:
     """Calls into one in-process model, one at a time under ``lock``: threads would only fight
     over the same cores. (The app's batch tab does not use this: its turns take the model slot
-    in ``events.turn_maker``.)"""
+    in ``app.handlers.turn_maker``.)"""
 
     def __init__(self, inner: Any, lock: threading.Lock):
         self._inner, self._lock = inner, lock
