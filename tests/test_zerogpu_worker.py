@@ -75,15 +75,16 @@ def test_a_turn_made_in_the_forked_worker_is_the_turn_made_in_process(forked_sim
 
 
 def test_the_forked_worker_streams_the_turn_as_it_is_written(forked_sim):
-    """Drafts cross the process boundary while the turn is made: the text grows token by token
-    and the last draft is the text the turn keeps."""
+    """Drafts cross the process boundary while the turn is made: the text grows token by token,
+    each draft is the start of the text the turn keeps (decoded as it will be). The newest draft
+    goes every 20 ms, so the last one may be a few tokens short: the turn itself follows it."""
     settings = replace(long_turn_settings(), sampling=SamplingSettings(max_new_tokens=24, seed=5))
     drafts: list[Draft] = []
     made = zerogpu.run_model_turn(Dialogue(intent=INTENT), settings, BackendSpec(), 11, threading.Event(), drafts.append)
     assert len(drafts) >= 3 and all(d.role == "user" and d.sample == 1 for d in drafts)
     counts = [d.tokens for d in drafts if d.tokens]
     assert counts == sorted(counts) and len(set(counts)) >= 3  # growing, not one final burst
-    assert drafts[-1].text == made.turns[0].text != ""
+    assert made.turns[0].text != "" and all(made.turns[0].text.startswith(d.text) for d in drafts)
 
 
 def test_stop_ends_a_turn_in_the_forked_worker_within_a_token(forked_sim):

@@ -25,7 +25,7 @@ from usersim_ui.analysis.safe_text import literal_line, literal_markdown
 from usersim_ui.analysis.transcript import badge_line, summary_text, to_markdown
 from usersim_ui.app.form import Form
 from usersim_ui.app.run_control import Run, RunControl, RunRefused
-from usersim_ui.app.streaming import DraftBox, with_drafts
+from usersim_ui.app.streaming import with_drafts
 from usersim_ui.app.trust import Refused
 from usersim_ui.app.zerogpu import (
     USER_ERRORS,
@@ -356,10 +356,11 @@ def _run(run: Run, original: Dialogue, start: Dialogue, settings: transitions.Ru
         yield status_only(original, running=running_text(start, settings))
     else:
         yield render(original, running=running_text(start, settings))
-    box, drafted = DraftBox(), False
-    make = turn_maker(spec, run, original if regenerate else None, box.put)
+    drafted, regenerate_from = False, original if regenerate else None
+    turns = lambda on_draft: transitions.run(start, turn_maker(spec, run, regenerate_from, on_draft), now,  # noqa: E731
+                                             max_new_turns)
     try:
-        for item in with_drafts(lambda: transitions.run(start, make, now, max_new_turns), box, run.stop):
+        for item in with_drafts(turns, run.stop):
             if isinstance(item, Draft):  # the turn being written: the chat and the status line only
                 drafted = True
                 yield draft_view(current, item, now())

@@ -17,13 +17,13 @@ an OpenAI-compatible endpoint or the researcher typing takes no GPU slice.
 
 from __future__ import annotations
 
-import queue
 import threading
 from typing import Any, Callable, Iterator
 
 import gradio as gr
 import spaces
 
+from usersim_ui.app.streaming import with_drafts
 from usersim_ui.assistants.registry import BackendSpec, kind_of, make_backend
 from usersim_ui.core import transitions
 from usersim_ui.core.dialogue import Dialogue, Turn
@@ -37,7 +37,6 @@ from usersim_ui.users.registry import default_simulator
 USER_ERRORS = (ValueError, BackendError, transitions.DialogueOver, transitions.NeedsResearcher, ContextTooLong)
 GPU_SECONDS_MAX = 120  # ZeroGPU refuses ("illegal duration") much more than this on a shared GPU
 HEARTBEAT_S = 0.02  # a yield at least this often, token or not: ZeroGPU's worker sees Stop only at a yield
-_DONE = object()
 
 _simulator: UserSimulator | None = None
 
@@ -80,50 +79,21 @@ def _make_turn(dialogue: Dialogue, settings: transitions.RunSettings, spec: Back
 
 
 def _in_worker(job: Callable[[threading.Event, OnDraft], object]) -> Iterator[object]:
-    """Run ``job(stop, on_draft)`` in a thread beside this generator, which yields the job's newest
-    draft whenever it changed, ``None`` as a heartbeat between them (every HEARTBEAT_S), then
-    the job's result. Closing the generator sets ``stop`` and waits for the job to end."""
+    """Run ``job(stop, on_draft)`` beside this generator (``streaming.with_drafts``), which yields
+    the job's newest draft as it comes, ``None`` as a heartbeat between them (every
+    HEARTBEAT_S), then the job's result. Closing the generator sets ``stop`` and waits for the
+    job to end (the GPU slice is not handed back while generate() runs)."""
     stop = threading.Event()  # made here: in a ZeroGPU worker, an Event from the main process never fires
-    drafts: queue.SimpleQueue[object] = queue.SimpleQueue()
-    outcome: dict[str, object] = {}
 
-    def work() -> None:
-        try:
-            outcome["result"] = job(stop, drafts.put)
-        except BaseException as exc:  # noqa: BLE001 - handed to the generator below
-            outcome["error"] = exc
-        finally:
-            drafts.put(_DONE)
+    def result(on_draft: OnDraft) -> Iterator[object]:
+        yield job(stop, on_draft)
 
-    worker = threading.Thread(target=work, name="model-turn", daemon=True)
-    worker.start()
     try:
-        while True:
-            try:
-                item = drafts.get(timeout=HEARTBEAT_S)
-            except queue.Empty:
-                yield None  # no new token yet (a long prefill, a slow step): still a chance to stop
-                continue
-            latest = None
-            while item is not _DONE:  # only the newest draft of those that queued up is worth sending
-                latest = item
-                try:
-                    item = drafts.get_nowait()
-                except queue.Empty:
-                    break
-            if latest is not None:
-                yield latest
-            if item is _DONE:
-                break
+        yield from with_drafts(result, stop, every_s=0.0, heartbeat_s=HEARTBEAT_S, join_s=None)
+    except USER_ERRORS as error:
+        raise as_gradio_error(error) from None
     finally:
         stop.set()  # closed (Stop) or failed: generate() ends within one token
-        worker.join()
-    error = outcome.get("error")
-    if isinstance(error, USER_ERRORS):
-        raise as_gradio_error(error)
-    if error is not None:
-        raise error  # type: ignore[misc] - a bug: let it be seen with its traceback
-    yield outcome["result"]
 
 
 @spaces.GPU(duration=gpu_seconds)
