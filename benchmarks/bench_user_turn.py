@@ -24,13 +24,10 @@ def main() -> None:
     args = parser.parse_args()
     loaded = offline_chat_model()
     variants = {
-        "plain loop (baseline)": UserSimulator.prompted_baseline(loaded),
-        "early stop only": UserSimulator.prompted_baseline(loaded),
+        "plain loop (baseline)": UserSimulator.prompted_baseline(loaded, batched_retries=False, stop_long_samples=False),
+        "early stop only": UserSimulator.prompted_baseline(loaded, batched_retries=False),
         "early stop + batched retries (ours)": UserSimulator.prompted_baseline(loaded),
     }
-    variants["plain loop (baseline)"].batched_retries = False
-    variants["plain loop (baseline)"].stop_long_samples = False
-    variants["early stop only"].batched_retries = False
     guardrails = GuardrailSettings()
     intents = [i.intent for i in load_sample_intents()][: args.turns]
     results: dict[str, list[float]] = {name: [] for name in variants}

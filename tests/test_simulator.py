@@ -263,3 +263,35 @@ def test_a_turn_kept_after_the_retry_cap_says_it_was_cut_even_from_a_padded_batc
     turn = sim.generate_turn(Dialogue(intent=INTENT), settings, replace(FAST, max_new_tokens=40))
     assert any(e.action == "gave_up" for e in turn.guardrails) and len(turn.rejected) == 3
     assert turn.words > 2 and turn.truncated  # stopped early at the word limit, and the record says so
+
+
+def test_a_new_resampling_guardrail_is_one_row_of_the_table(tiny_sim, monkeypatch):
+    """A row with a check is all the turn assembly needs: the turn gets retry rounds, its
+    samples are judged by the row, and the record names it, in every engine that assembles."""
+    from usersim_ui.core import guardrails as table
+
+    asks = table.Guardrail("question", "question", None, True, "Resample a turn that asks nothing.",
+                           acts="resample", check=lambda text, earlier, intent, s: None if "?" in text else "no question")
+    monkeypatch.setattr(table, "GUARDRAILS", table.GUARDRAILS + (asks,))
+    monkeypatch.setattr(table, "BY_NAME", {**table.BY_NAME, "question": asks})
+    only_it = replace(GuardrailSettings().all_off(), retry_cap=3)
+    sampling = SamplingSettings(max_new_tokens=8, seed=4)
+    assert table.resamples(only_it) and table.rejection_reason("fine", [], "x", only_it) == "question: no question"
+    turn = tiny_sim.generate_turn(Dialogue(intent="You want help."), only_it, sampling)
+    assert [r.reason for r in turn.rejected][:1] == ["question: no question"]  # a random model never asks
+    assert {e.guardrail for e in turn.guardrails} >= {"question", "retry_cap"}
+
+
+def test_resampling_rounds_come_from_the_table_and_greedy_draws_once():
+    from usersim_ui.app.zerogpu import gpu_seconds
+    from usersim_ui.assistants.registry import BackendSpec
+    from usersim_ui.core.transitions import RunSettings
+    from usersim_ui.users.turn import sampling_rounds
+
+    masks_only = GuardrailSettings(length_thresholds=False, verbatim_repetition=False)
+    sampled, greedy = SamplingSettings(max_new_tokens=100), SamplingSettings(max_new_tokens=100, temperature=0.0)
+    assert sampling_rounds(GuardrailSettings(), sampled) == [1, 5]
+    assert sampling_rounds(GuardrailSettings(), sampled, batched_retries=False) == [1] * 6
+    assert sampling_rounds(masks_only, sampled) == sampling_rounds(GuardrailSettings(), greedy) == [1]
+    slice_s = lambda g, s: gpu_seconds(Dialogue(intent="x"), RunSettings(guardrails=g, sampling=s), BackendSpec(), None)  # noqa: E731
+    assert slice_s(GuardrailSettings(), sampled) > slice_s(GuardrailSettings(), greedy) == slice_s(masks_only, sampled)

@@ -21,7 +21,7 @@ from usersim_ui.analysis.metrics import (
     turn_table,
 )
 from usersim_ui.core.dialogue import Dialogue
-from usersim_ui.core.guardrails import ACTION_LABELS
+from usersim_ui.core.guardrails import ACTION_LABELS, count_words
 
 ROLE_COLOURS = {"user": "#2563eb", "assistant": "#f97316"}
 MASK_FILL = "rgba(220, 38, 38, 0.13)"
@@ -93,7 +93,7 @@ def lengths_figure(dialogue: Dialogue, table: pd.DataFrame | None = None) -> go.
         fig.add_scatter(x=rows["turn"].tolist(), y=rows["tokens"].tolist(), name=f"{role} tokens", mode="markers",
                         marker=dict(color=colour, symbol="diamond-open", size=10),
                         hovertemplate=f"Turn %{{x}} ({role}): %{{y}} tokens<extra></extra>")
-    rejected = [(n, len(r.text.split()), r.reason) for n, turn in enumerate(dialogue.turns, 1) for r in turn.rejected]
+    rejected = [(n, count_words(r.text), r.reason) for n, turn in enumerate(dialogue.turns, 1) for r in turn.rejected]
     fig.add_scatter(
         x=[n + REJECTED_OFFSET for n, _, _ in rejected], y=[w for _, w, _ in rejected], name=REJECTED_NAME,
         mode="markers", marker=dict(color=REJECTED_COLOUR, symbol="circle-open", size=9, line=dict(width=1.5)),

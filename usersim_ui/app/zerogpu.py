@@ -32,6 +32,7 @@ from usersim_ui.core.protocols import Draft, OnDraft
 from usersim_ui.users.batched import alternative_turns
 from usersim_ui.users.local import UserSimulator
 from usersim_ui.users.registry import default_simulator
+from usersim_ui.users.turn import sampling_rounds
 
 # Errors a researcher can act on: shown as a message, never as a traceback.
 USER_ERRORS = (ValueError, BackendError, transitions.DialogueOver, transitions.NeedsResearcher, ContextTooLong)
@@ -56,10 +57,8 @@ def uses_local_model(dialogue: Dialogue, spec: BackendSpec) -> bool:
 
 def gpu_seconds(dialogue: Dialogue, settings: transitions.RunSettings, spec: BackendSpec, seed: int | None) -> int:
     """The GPU slice to ask ZeroGPU for: the turn's token budget at a conservative 20 tokens/s."""
-    if dialogue.next_role == "user":
-        rounds = 1 + (settings.guardrails.retry_cap if settings.guardrails.length_thresholds
-                      or settings.guardrails.verbatim_repetition else 0)
-        tokens = settings.sampling.max_new_tokens * min(rounds, 2)  # retries go as one batch
+    if dialogue.next_role == "user":  # at most one generate() per round: the first sample, then the retries as a batch
+        tokens = settings.sampling.max_new_tokens * len(sampling_rounds(settings.guardrails, settings.sampling))
     else:
         tokens = spec.max_tokens
     return int(min(GPU_SECONDS_MAX, 15 + tokens / 20))

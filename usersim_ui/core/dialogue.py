@@ -37,8 +37,8 @@ class SamplingSettings:
 class GuardrailEvent:
     """One guardrail acting on one turn: which, what it did, and the evidence."""
 
-    guardrail: Literal["first_token", "no_early_ending", "length", "repetition", "retry_cap", "context"]
-    action: Literal["masked", "resampled", "gave_up", "trimmed"]
+    guardrail: str  # a name in core.guardrails.GUARDRAIL_NAMES (the table; an import checks it)
+    action: str  # one of core.guardrails.GUARDRAIL_ACTIONS
     detail: str
     count: int = 1
     probability_removed: float | None = None

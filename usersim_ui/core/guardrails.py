@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 # A logit mask is reported as having acted when it removed at least this much probability.
 ACTED_THRESHOLD = 0.01
 
 
+Check = Callable[[str, Sequence[str], str, "GuardrailSettings"], "str | None"]
+
+
 @dataclass(frozen=True)
 class Guardrail:
-    """One row of the table: its id in records and spec strings, what people read, its switch."""
+    """One row of the table: its id in records and spec strings, what people read, its switch,
+    and how it acts: a ``check`` of a finished sample (a reason to resample it, or None) for a
+    resampling guardrail; a logit mask (``acts="mask"``) is applied in sampling by every engine
+    from the turn's plan (``users.turn.TurnPlan``)."""
 
     name: str  # id in GuardrailEvent.guardrail, CLI specs and reports
     label: str  # what a person reads in charts, badges and reports
@@ -27,17 +33,62 @@ class Guardrail:
     default: bool  # the paper's setting
     help: str  # one line on what it does
     toggle: str = ""  # the switch's label on the page
+    acts: str = "reported"  # "mask" (in sampling), "resample" (after a sample), "reported" (a record only)
+    check: Check | None = None  # a resampling guardrail's rule: why to resample the sample, or None
 
+
+# ---- rules ----------------------------------------------------------------------------------
+
+def end_is_masked(settings: GuardrailSettings, user_turns_so_far: int) -> bool:
+    """Whether the no-early-ending guardrail forbids ending the next user turn: the user must
+    have written ``min_user_turns_before_end`` turns first (None: never, the paper's setting)."""
+    if not settings.no_early_ending:
+        return False
+    minimum = settings.min_user_turns_before_end
+    return minimum is None or user_turns_so_far < minimum
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower())
+
+
+def length_violation(text: str, earlier_user_turns: Sequence[str], intent: str,
+                     settings: GuardrailSettings) -> str | None:
+    """Reason to resample when the turn is too short or too long, else None."""
+    words = count_words(text)
+    if words < settings.min_words or words > settings.max_words:
+        return f"{words} words"
+    return None
+
+
+def repetition_violation(text: str, earlier_user_turns: Sequence[str], intent: str,
+                         settings: GuardrailSettings) -> str | None:
+    """Reason to resample when the turn repeats an earlier user turn or copies the intent."""
+    norm = normalise(text)
+    if not norm:
+        return None
+    for index, earlier in enumerate(earlier_user_turns, 1):
+        if norm == normalise(earlier):
+            return f"repeats user turn {index}"
+    if norm == normalise(intent) or normalise(intent) in norm:
+        return "copies the intent"
+    return None
+
+
+
+# ---- the table ------------------------------------------------------------------------------
 
 GUARDRAILS: tuple[Guardrail, ...] = (
     Guardrail("first_token", "first-token filter", "first_token_filter", True,
-              "The user's turn may not open like an assistant's.", "First-token filter"),
+              "The user's turn may not open like an assistant's.", "First-token filter", acts="mask"),
     Guardrail("no_early_ending", "no early ending", "no_early_ending", True,
-              "P(end) is still measured; the end token just cannot be drawn.", "No early ending"),
+              "P(end) is still measured; the end token just cannot be drawn.", "No early ending", acts="mask"),
     Guardrail("length", "length", "length_thresholds", True,
-              "Resample a turn shorter than min words or longer than max words.", "Length thresholds"),
+              "Resample a turn shorter than min words or longer than max words.", "Length thresholds",
+              acts="resample", check=length_violation),
     Guardrail("repetition", "repetition", "verbatim_repetition", True,
-              "Resample a turn that repeats an earlier user turn or copies the intent.", "Verbatim repetition"),
+              "Resample a turn that repeats an earlier user turn or copies the intent.", "Verbatim repetition",
+              acts="resample", check=repetition_violation),
 )
 # What else a turn's record may say acted on it: not switches, but reported beside them.
 REPORTED: tuple[Guardrail, ...] = GUARDRAILS + (
@@ -72,7 +123,7 @@ class GuardrailSettings:
         return True if row.field is None else bool(getattr(self, row.field))
 
     def all_off(self) -> "GuardrailSettings":
-        return replace(self, **{g.field: False for g in GUARDRAILS})  # type: ignore[misc]
+        return replace(self, **{g.field: False for g in GUARDRAILS if g.field is not None})
 
 
 def count_words(text: str) -> int:
@@ -82,7 +133,7 @@ def count_words(text: str) -> int:
 
 # ---- spec strings (CLIs, batch arms) --------------------------------------------------------
 
-ALIASES = {**{g.name: g.field for g in GUARDRAILS}, "min_turns": "min_user_turns_before_end"}
+ALIASES = {**{g.name: g.field for g in GUARDRAILS if g.field is not None}, "min_turns": "min_user_turns_before_end"}
 
 
 def parse_guardrails(spec: str | None, base: GuardrailSettings | None = None) -> GuardrailSettings:
@@ -123,52 +174,27 @@ def switched_off(settings: GuardrailSettings) -> list[str]:
     return [g.name for g in GUARDRAILS if not settings.is_on(g.name)]
 
 
-# ---- rules ----------------------------------------------------------------------------------
 
-def end_is_masked(settings: GuardrailSettings, user_turns_so_far: int) -> bool:
-    """Whether the no-early-ending guardrail forbids ending the next user turn: the user must
-    have written ``min_user_turns_before_end`` turns first (None: never, the paper's setting)."""
-    if not settings.no_early_ending:
-        return False
-    minimum = settings.min_user_turns_before_end
-    return minimum is None or user_turns_so_far < minimum
-
-
-def normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text.strip().lower())
-
-
-def length_violation(text: str, settings: GuardrailSettings) -> str | None:
-    """Reason to resample when the turn is too short or too long, else None."""
-    if not settings.length_thresholds:
-        return None
-    words = count_words(text)
-    if words < settings.min_words or words > settings.max_words:
-        return f"{words} words"
-    return None
-
-
-def repetition_violation(text: str, earlier_user_turns: Sequence[str], intent: str,
-                         settings: GuardrailSettings) -> str | None:
-    """Reason to resample when the turn repeats an earlier user turn or copies the intent."""
-    if not settings.verbatim_repetition:
-        return None
-    norm = normalise(text)
-    if not norm:
-        return None
-    for index, earlier in enumerate(earlier_user_turns, 1):
-        if norm == normalise(earlier):
-            return f"repeats user turn {index}"
-    if norm == normalise(intent) or normalise(intent) in norm:
-        return "copies the intent"
-    return None
-
+# ---- rules over the table ----------------------------------------------------------------
 
 def rejection_reason(text: str, earlier_user_turns: Sequence[str], intent: str,
                      settings: GuardrailSettings) -> str | None:
-    """``"<guardrail>: <why>"`` for the first resampling guardrail the turn fails, else None."""
-    why = length_violation(text, settings)
-    if why:
-        return f"length: {why}"
-    why = repetition_violation(text, earlier_user_turns, intent, settings)
-    return f"repetition: {why}" if why else None
+    """``"<guardrail>: <why>"`` for the first resampling guardrail (in the table's order) that is
+    on and rejects the sample, else None."""
+    for g in GUARDRAILS:
+        if g.check is not None and settings.is_on(g.name):
+            why = g.check(text, earlier_user_turns, intent, settings)
+            if why:
+                return f"{g.name}: {why}"
+    return None
+
+
+def resamples(settings: GuardrailSettings) -> bool:
+    """Whether any resampling guardrail is on: only then may a turn draw more than one sample."""
+    return any(g.check is not None and settings.is_on(g.name) for g in GUARDRAILS)
+
+
+def stop_after_words(settings: GuardrailSettings) -> int | None:
+    """The word count past which a sample is certain to be rejected (None: no such limit), so
+    an engine may stop drawing it early."""
+    return settings.max_words if settings.is_on("length") else None

@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from usersim_ui.core.errors import GenerationCancelled
+from usersim_ui.core.guardrails import count_words
 from usersim_ui.core.protocols import Draft, OnDraft
 from usersim_ui.inference.sampling import RowGroup, Sampler
 
@@ -61,7 +62,7 @@ class StopAfterWords(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
-        return torch.tensor([len(t.split()) > self.max_words for t in texts], dtype=torch.bool, device=input_ids.device)
+        return torch.tensor([count_words(t) > self.max_words for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
 class FirstLogits:

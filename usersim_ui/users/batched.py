@@ -49,6 +49,7 @@ from transformers import (
 
 from usersim_ui.core.dialogue import Dialogue, GuardrailSettings, SamplingSettings, Turn
 from usersim_ui.core.errors import GenerationCancelled
+from usersim_ui.core.guardrails import count_words
 from usersim_ui.core.protocols import OnDraft
 from usersim_ui.core.seeds import alternative_seeds
 from usersim_ui.inference.generation import FirstLogits, StopOnEvent
@@ -105,7 +106,7 @@ class RowStops(StoppingCriteria):
         texts = self.tokenizer.batch_decode(input_ids[wordy, self.prompt_length:], skip_special_tokens=True) \
             if wordy else []
         for i, text in zip(wordy, texts):
-            if len(text.split()) > self.max_words[i]:
+            if count_words(text) > self.max_words[i]:
                 self.stopped_at[i] = made
         for i, limit in enumerate(self.max_new):
             if made >= limit and i not in self.stopped_at:
@@ -135,13 +136,12 @@ def batched_sample(simulator: UserSimulator, groups: list[Group], stop_event: th
     banned, masked, max_words, max_new = [], [], [], []
     for g in groups:
         g.start = len(rows)
-        guard = g.plan.guardrails
         for _ in range(g.rows):
             if g.plan.masked_end:
                 masked.append(len(rows))
             rows.append(g.plan.prompt)
             banned.append(g.plan.banned)
-            max_words.append(guard.max_words if guard.length_thresholds and simulator.stop_long_samples else None)
+            max_words.append(g.plan.stop_after_words)
             max_new.append(g.plan.sampling.max_new_tokens)
     length = prompt_cache.width if prompt_cache is not None else max(len(r) for r in rows)
     extra: dict[str, Any] = {}

@@ -57,11 +57,12 @@ class UserSimulator:
         return cls(loaded, UserLMFormat(loaded.tokenizer))
 
     @classmethod
-    def prompted_baseline(cls, loaded: LoadedModel | None = None) -> "UserSimulator":
-        """A chat model prompted to play the user; SmolLM2-135M offline by default. Not UserLM."""
+    def prompted_baseline(cls, loaded: LoadedModel | None = None, **options: Any) -> "UserSimulator":
+        """A chat model prompted to play the user; SmolLM2-135M offline by default. Not UserLM.
+        ``options``: the constructor's (``batched_retries``, ``stop_long_samples``, ...)."""
         loaded = loaded or load_smollm2()
         named = LoadedModel(loaded.model, loaded.tokenizer, f"{loaded.model_id} [prompted user baseline]", loaded.device)
-        return cls(named, PromptedUserFormat(loaded.tokenizer))
+        return cls(named, PromptedUserFormat(loaded.tokenizer), **options)
 
     @property
     def is_prompted_baseline(self) -> bool:
@@ -135,8 +136,8 @@ class UserSimulator:
         plan = self.rules.plan(dialogue, guardrails, sampling, context_budget, seed)
         prompt, marker = plan.prompt, plan.marker
         processors = self.processors_for(plan)
-        stopping = ([StopAfterWords(self.tokenizer, len(prompt), guardrails.max_words)]
-                    if guardrails.length_thresholds and self.rules.early_stop else [])
+        stopping = ([StopAfterWords(self.tokenizer, len(prompt), plan.stop_after_words)]
+                    if plan.stop_after_words is not None else [])
         store = self.prefix_cache
         held, held_ids = (store.take(dialogue.id, prompt)[0], None) if store is not None else (None, None)
         self.last_prefilled_tokens = 0

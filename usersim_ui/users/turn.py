@@ -34,6 +34,8 @@ from usersim_ui.core.guardrails import (
     count_words,
     end_is_masked,
     rejection_reason,
+    resamples,
+    stop_after_words,
 )
 from usersim_ui.core.protocols import Draft
 from usersim_ui.core.seeds import draw_seed, turn_seed
@@ -75,6 +77,7 @@ class TurnPlan:
     earlier: list[str]  # earlier user turns, for the repetition guardrail
     marker: list[int]  # the end marker's ids
     stop_ids: list[int]
+    stop_after_words: int | None = None  # the engine stops a sample past this many words (None: it does not)
 
     @property
     def prompt(self) -> list[int]:
@@ -122,6 +125,15 @@ class Drawn:
     first_step: FirstStep | None = None
 
 
+def sampling_rounds(guardrails: GuardrailSettings, sampling: SamplingSettings, batched_retries: bool = True) -> list[int]:
+    """How many samples each round of a turn draws: one, then (only if a resampling guardrail is
+    on and the temperature is above 0: greedy decoding would give the same sample again) the
+    retries, as one round of ``retry_cap`` samples or one round each."""
+    if not resamples(guardrails) or guardrails.retry_cap <= 0 or sampling.temperature <= 0:
+        return [1]
+    return [1] + ([guardrails.retry_cap] if batched_retries else [1] * guardrails.retry_cap)
+
+
 class TurnRules:
     """The turn's meaning for one user model (its tokenizer and prompt format).
 
@@ -167,14 +179,12 @@ class TurnRules:
         fitted = self.fit_prompt(dialogue.intent, dialogue.messages(), context_budget, sampling.max_new_tokens)
         banned = (self.banned_ids(guardrails.banned_first_words, guardrails.first_token_any_case)
                   if guardrails.first_token_filter else [])
-        resampling = guardrails.length_thresholds or guardrails.verbatim_repetition
-        greedy = sampling.temperature <= 0
-        rounds = [1] + ([guardrails.retry_cap] if self.batched_retries else [1] * guardrails.retry_cap)
-        rounds = rounds if resampling and guardrails.retry_cap > 0 and not greedy else [1]
         seed = turn_seed(sampling.seed, len(dialogue.turns)) if seed is None else seed
         return TurnPlan(dialogue, guardrails, sampling, fitted, banned, end_is_masked(guardrails, dialogue.user_turns),
-                        rounds, greedy, resampling, seed, [t.text for t in dialogue.turns if t.role == "user"],
-                        list(self.format.end_marker_ids()), list(self.format.stop_ids()))
+                        sampling_rounds(guardrails, sampling, self.batched_retries), sampling.temperature <= 0,
+                        resamples(guardrails), seed, [t.text for t in dialogue.turns if t.role == "user"],
+                        list(self.format.end_marker_ids()), list(self.format.stop_ids()),
+                        stop_after_words(guardrails) if self.early_stop else None)
 
     # ---- after sampling --------------------------------------------------------------------
 
@@ -208,8 +218,7 @@ class TurnRules:
         reason = None if ends else rejection_reason(text, plan.earlier, plan.dialogue.intent, plan.guardrails)
         # A row of a batch that the word limit stopped is padded with a stop id afterwards, so
         # it looks finished: more words than max_words means the early stop cut it all the same.
-        cut_at_words = (plan.guardrails.length_thresholds and self.early_stop
-                        and count_words(text) > plan.guardrails.max_words)
+        cut_at_words = plan.stop_after_words is not None and count_words(text) > plan.stop_after_words
         return Candidate(text, ends, tokens, reason, truncated=(cut or cut_at_words) and not ends)
 
     def first_step_events(self, plan: TurnPlan, first: FirstStep) -> list[GuardrailEvent]:
