@@ -46,6 +46,7 @@ class ModelServer:
     def __init__(self, model: Any, kind: str = "vllm"):
         self.model, self.kind = model, kind
         self.calls: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []  # each request's headers, in order
         self._lock = threading.Lock()  # one forward at a time, as one GPU would
 
     def _raw_logprobs(self, ids: list[int]) -> torch.Tensor:
@@ -57,6 +58,7 @@ class ModelServer:
         body = json.loads(request.content)
         with self._lock:
             self.calls.append(body)
+            self.headers.append(dict(request.headers))
             return self._answer(body)
 
     def _answer(self, body: dict[str, Any]) -> httpx.Response:

@@ -17,6 +17,7 @@ The last section pins the six ways the server path had drifted from the in-proce
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import threading
@@ -37,7 +38,11 @@ from usersim_ui.prompts.formats import UserLMFormat
 from usersim_ui.prompts.userlm import END_CONVERSATION_ID, encode_plain
 from usersim_ui.users.batched import BatchedUsers, TurnSettings, generate_user_turns
 from usersim_ui.users.batcher import TurnBatcher
-from usersim_ui.users.remote import CompletionsUserSimulator
+from usersim_ui.users.remote import (
+    ROUTING_KEY_HEADER,
+    CompletionsUserSimulator,
+    RoutedUser,
+)
 
 EOT = 128009
 OFF = GuardrailSettings(first_token_filter=False, no_early_ending=False, length_thresholds=False,
@@ -75,6 +80,11 @@ def batched_turn(sim, dialogue, guard, sampling, seed):
     return generate_user_turns(sim, [dialogue, other], settings, [seed, None])[0]
 
 
+def batch_of_one_turn(sim, dialogue, guard, sampling, seed):
+    """The batched engine through its UserModel face (``BatchedUsers``): a batch of one."""
+    return BatchedUsers(sim).generate_turn(dialogue, guard, sampling, seed=seed)
+
+
 def batcher_turn(sim, dialogue, guard, sampling, seed):
     """Two dialogues queue while the model is held; the leader makes both in one call."""
     lock = threading.Lock()
@@ -103,8 +113,17 @@ def remote_turn(kind):
     return make
 
 
-ENGINES = {"local": local_turn, "batched": batched_turn, "batcher": batcher_turn,
-           "vllm": remote_turn("vllm"), "llama-server": remote_turn("llama"), "old-server": remote_turn("old")}
+def routed_turn(sim, dialogue, guard, sampling, seed):
+    """A dialogue's handle on a shared completions client (a router's session key on each request)."""
+    client, server = remote(sim, "vllm")
+    turn = RoutedUser(client, "dialogue-7").generate_turn(dialogue, guard, sampling, seed=seed)
+    assert server.headers and all(ROUTING_KEY_HEADER.lower() in {k.lower() for k in h} for h in server.headers)
+    return turn
+
+
+ENGINES = {"local": local_turn, "batched": batched_turn, "batched-one": batch_of_one_turn, "batcher": batcher_turn,
+           "vllm": remote_turn("vllm"), "llama-server": remote_turn("llama"), "old-server": remote_turn("old"),
+           "routed": routed_turn}
 
 
 def record(turn: Turn) -> dict:
@@ -136,9 +155,9 @@ def test_every_engine_makes_the_same_turn(sharp, engine, case):
     turn = ENGINES[engine](sharp, dialogue, guard, sampling, seed)
     assert record(turn) == record(alone)
     assert turn.p_end == pytest.approx(alone.p_end, rel=1e-4, abs=1e-7)
-    assert turn.p_end_source == ("logits" if engine in ("local", "batched", "batcher") else
+    assert turn.p_end_source == ("logits" if engine in ("local", "batched", "batched-one", "batcher") else
                                  {"vllm": "server:logprob_token_ids", "llama-server": "server:forced_sample",
-                                  "old-server": "server:echo"}[engine])
+                                  "old-server": "server:echo", "routed": "server:logprob_token_ids"}[engine])
 
 
 @pytest.mark.parametrize("engine", ["batched", "batcher"])
@@ -170,16 +189,40 @@ def test_on_the_wire_the_filter_keeps_the_rules_while_sampling(sharp):
     assert first and str(i) in first[0]["logit_bias"] and first[0]["seed"] == draw_seed(777, 0)
 
 
-@pytest.mark.parametrize("engine", ["local", "batched", "vllm"])
+USER_MODELS = {"local": lambda sim: sim, "batched": lambda sim: BatchedUsers(sim),
+               "batcher": lambda sim: TurnBatcher(sim, threading.Lock()),
+               "vllm": lambda sim: remote(sim, "vllm")[0], "routed": lambda sim: RoutedUser(remote(sim, "vllm")[0], "k")}
+
+
+@pytest.mark.parametrize("engine", list(USER_MODELS))
 def test_every_engine_is_a_user_model_with_an_async_face(sharp, engine):
     import asyncio
 
-    model = {"local": sharp, "batched": BatchedUsers(sharp), "vllm": remote(sharp, "vllm")[0]}[engine]
+    model = USER_MODELS[engine](sharp)
     assert isinstance(model, UserModel)
+    for name in ("generate_turn", "agenerate_turn"):  # the protocol's parameters, in its order
+        wanted = list(inspect.signature(getattr(UserModel, name)).parameters)[1:]
+        assert list(inspect.signature(getattr(model, name)).parameters)[:len(wanted)] == wanted, (engine, name)
     dialogue, guard, sampling = Dialogue(intent=INTENT), GuardrailSettings(), SamplingSettings(max_new_tokens=8, seed=2)
     sync = model.generate_turn(dialogue, guard, sampling, seed=99)
     other = asyncio.run(model.agenerate_turn(dialogue, guard, sampling, seed=99))
     assert record(other) == record(sync)
+
+
+@pytest.mark.parametrize("engine", list(USER_MODELS))
+def test_every_engine_tells_each_draw_to_on_draft(sharp, engine):
+    """The page streams what an engine reports: every engine reports each draw as it starts,
+    with the guardrails' story so far; one that streams tokens reports text too."""
+    guard = replace(GuardrailSettings(), first_token_filter=False, min_words=9, retry_cap=4)
+    sampling = SamplingSettings(max_new_tokens=10, seed=7)  # the first sample is rejected (see the seed test)
+    drafts: list = []
+    turn = USER_MODELS[engine](sharp).generate_turn(Dialogue(intent=INTENT), guard, sampling, on_draft=drafts.append)
+    assert turn.rejected and drafts and all(d.role == "user" for d in drafts)
+    starts = [(d.sample, d.samples) for d in drafts if not d.text]
+    assert starts[0] == (1, 1) and (2, 4) in starts  # the first sample, then the retries drawn as one batch
+    assert any("sample 1 rejected" in n for d in drafts for n in d.notes)
+    if engine in ("local", "batcher"):  # in-process, one dialogue: token by token
+        assert any(d.text for d in drafts)
 
 
 def test_a_turns_recorded_seed_reproduces_it_resamples_included(sharp):

@@ -216,28 +216,32 @@ class _Pending:
     turns: Generator[Draw, Drawn, Turn]
     draw: Draw | None = None
     turn: Turn | None = None
+    on_draft: OnDraft | None = None
 
 
 def generate_user_turns(simulator: UserSimulator, dialogues: Sequence[Dialogue], settings_list: Sequence[Any],
                         seeds: Sequence[int | None] | None = None, stop_event: threading.Event | None = None,
-                        stats: dict[str, Any] | None = None) -> list[Turn]:
+                        stats: dict[str, Any] | None = None,
+                        on_drafts: Sequence[OnDraft | None] | None = None) -> list[Turn]:
     """The next user turn of each dialogue, the first samples of all of them in one batch.
 
     ``settings_list``: per dialogue, a ``RunSettings`` (anything with ``guardrails``,
     ``sampling`` and ``context_budget``). ``seeds``: per dialogue, the turn's seed (default: the
     seed scheme's). Each dialogue's turn is assembled by ``users.turn.assemble``, as alone;
     its latency is the wall time of the batched calls it took part in. ``stats`` (a dict)
-    receives the number of calls and rows and the tokens prefilled.
+    receives the number of calls and rows and the tokens prefilled. ``on_drafts``: per dialogue,
+    who hears each of its draws as it starts (a batched call has no per-dialogue tokens).
     """
     if len(dialogues) != len(settings_list):
         raise ValueError(f"{len(dialogues)} dialogues but {len(settings_list)} settings")
     seeds = list(seeds) if seeds is not None else [None] * len(dialogues)
     rules = simulator.rules
     pending = []
-    for d, s, seed in zip(dialogues, settings_list, seeds):
+    listeners = list(on_drafts) if on_drafts is not None else [None] * len(dialogues)
+    for d, s, seed, on_draft in zip(dialogues, settings_list, seeds, listeners):
         plan = rules.plan(d, s.guardrails, s.sampling, getattr(s, "context_budget", 2048), seed)
         turns = assemble(rules, plan, simulator.model_id)
-        pending.append(_Pending(plan, turns, next(turns)))
+        pending.append(_Pending(plan, turns, next(turns), on_draft=on_draft))
     stats = stats if stats is not None else {}
     stats.update(calls=0, rows=0, prefill_tokens=0, padded_tokens=0, per_call=[])
     prompts: PromptCache | None = None
@@ -245,6 +249,9 @@ def generate_user_turns(simulator: UserSimulator, dialogues: Sequence[Dialogue],
         active = [p for p in pending if p.turn is None]
         if not active:
             break
+        for p in active:
+            if p.on_draft is not None:
+                p.on_draft(p.draw.draft())  # type: ignore[union-attr]
         groups = [Group(p.plan, p.draw.size, p.draw.seed) for p in active]  # type: ignore[union-attr]
         retries_follow = any(len(p.plan.rounds) > 1 for p in active)
         result = batched_sample(simulator, groups, stop_event, prompt_cache=prompts,
@@ -293,7 +300,7 @@ class BatchedUsers:
                       context_budget: int = 2048, stop_event: threading.Event | None = None,
                       seed: int | None = None, on_draft: OnDraft | None = None) -> Turn:
         settings = TurnSettings(guardrails, sampling, context_budget)
-        return generate_user_turns(self.simulator, [dialogue], [settings], [seed], stop_event)[0]
+        return generate_user_turns(self.simulator, [dialogue], [settings], [seed], stop_event, on_drafts=[on_draft])[0]
 
     async def agenerate_turn(self, dialogue: Dialogue, guardrails: GuardrailSettings, sampling: SamplingSettings,
                              context_budget: int = 2048, stop_event: threading.Event | None = None,

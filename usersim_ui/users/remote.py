@@ -325,14 +325,18 @@ class CompletionsUserSimulator:
     # a refused probe) per payload; the sync and async drivers below only move bytes.
 
     def turn_protocol(self, dialogue: Dialogue, guardrails: GuardrailSettings, sampling: SamplingSettings,
-                      context_budget: int = 2048, seed: int | None = None) -> Protocol:
-        """The whole turn as a generator of requests: drive it with :meth:`generate_turn` or :meth:`agenerate_turn`."""
+                      context_budget: int = 2048, seed: int | None = None, on_draft: OnDraft | None = None) -> Protocol:
+        """The whole turn as a generator of requests: drive it with :meth:`generate_turn` or
+        :meth:`agenerate_turn`. ``on_draft`` hears each draw as it starts (requests are not
+        streamed, so there is no text before the draw returns)."""
         plan = self.rules.plan(dialogue, guardrails, sampling, context_budget, seed)
         started = time.perf_counter()
         p_end, exact, method = yield from self._p_end(plan)
         turns = assemble(self.rules, plan, self.model_id)
         draw = next(turns)
         while True:
+            if on_draft is not None:
+                on_draft(draw.draft())
             samples, top = yield from self._draw(plan, draw, want_top=draw.first and exact is None)
             first = None
             if draw.first:
@@ -434,9 +438,9 @@ class CompletionsUserSimulator:
                       context_budget: int = 2048, stop_event: threading.Event | None = None,
                       seed: int | None = None, on_draft: OnDraft | None = None,
                       headers: dict[str, str] | None = None) -> Turn:
-        """The next user turn (blocking). ``on_draft`` is accepted for the contract; requests are
-        not streamed, so it is not called. ``headers`` go with each of the turn's requests."""
-        protocol = self.turn_protocol(dialogue, guardrails, sampling, context_budget, seed)
+        """The next user turn (blocking). ``on_draft`` hears each draw as it starts (requests are
+        not streamed). ``headers`` go with each of the turn's requests."""
+        protocol = self.turn_protocol(dialogue, guardrails, sampling, context_budget, seed, on_draft)
         started = time.perf_counter()
         answers: list[Any] | None = None
         while True:
@@ -521,11 +525,17 @@ class RoutedUser:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.simulator, name)
 
-    def generate_turn(self, *args: Any, **kwargs: Any) -> Turn:
-        return self.simulator.generate_turn(*args, headers=self.headers, **kwargs)
+    def generate_turn(self, dialogue: Dialogue, guardrails: GuardrailSettings, sampling: SamplingSettings,
+                      context_budget: int = 2048, stop_event: threading.Event | None = None,
+                      seed: int | None = None, on_draft: OnDraft | None = None) -> Turn:
+        return self.simulator.generate_turn(dialogue, guardrails, sampling, context_budget, stop_event, seed,
+                                            on_draft, headers=self.headers)
 
-    async def agenerate_turn(self, *args: Any, **kwargs: Any) -> Turn:
-        return await self.simulator.agenerate_turn(*args, headers=self.headers, **kwargs)
+    async def agenerate_turn(self, dialogue: Dialogue, guardrails: GuardrailSettings, sampling: SamplingSettings,
+                             context_budget: int = 2048, stop_event: threading.Event | None = None,
+                             seed: int | None = None, client: httpx.AsyncClient | None = None) -> Turn:
+        return await self.simulator.agenerate_turn(dialogue, guardrails, sampling, context_budget, stop_event, seed,
+                                                   client=client, headers=self.headers)
 
 
 def make_remote_simulators(urls: Sequence[str], model: str, tokenizer: Any, prompt_format: PromptFormat | None = None,
