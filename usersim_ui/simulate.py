@@ -11,6 +11,7 @@ import sys
 from dataclasses import replace
 
 from usersim_ui.analysis.transcript import badge_line, end_line
+from usersim_ui.assistants.registry import SPEC_FORMS
 from usersim_ui.core.dialogue import SamplingSettings, dialogues_to_jsonl
 from usersim_ui.core.guardrails import GUARDRAILS, GuardrailSettings
 from usersim_ui.core.intents import sample_intent
@@ -30,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--assistant-max-tokens", type=int, default=128)
     parser.add_argument("--assistant", default="local",
-                        help="local, local:MODEL, openai:URL:MODEL (key from OPENAI_API_KEY) or scripted")
-    for g in GUARDRAILS:
+                        help=f"{SPEC_FORMS} (an endpoint's key from OPENAI_API_KEY)")
+    for g in (g for g in GUARDRAILS if g.field is not None):
         parser.add_argument(f"--no-{g.field.replace('_', '-')}", action="store_true", dest=f"off_{g.field}",
                             help=f"switch the {g.label} guardrail off ({g.help})")
     parser.add_argument("--jsonl", help="also write the dialogue to this JSONL file")

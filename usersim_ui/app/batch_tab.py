@@ -26,7 +26,12 @@ import gradio as gr
 from usersim_ui.analysis.distribution import format_value, metric_name
 from usersim_ui.analysis.safe_text import literal_line
 from usersim_ui.app import trust
-from usersim_ui.assistants.registry import BackendSpec
+from usersim_ui.assistants.registry import (
+    BATCH_CHOICES,
+    BackendSpec,
+    needs_endpoint,
+    spec_text,
+)
 from usersim_ui.batch.runner import (
     INTENT_SUFFIXES,
     INTENTS_SHAPE,
@@ -207,15 +212,13 @@ def _run_batch(run: Any, folder: Path, intents_file: Any, samples: float, max_tu
     n_samples = int(trust.number(samples, "Samples per intent", 1, 20))
     n_turns = int(trust.number(max_turns, "Max user turns", 1, 30))
     n_tokens = int(trust.number(max_new_tokens, "Max tokens per user turn", 1, 256))
-    kind = trust.choice(assistant, "Assistant", ["local", "openai"])
+    kind = trust.choice(assistant, "Assistant", [name for _label, name in BATCH_CHOICES])
     off = trust.choices(b_off, "B arm", GUARDRAIL_CHOICES)
-    if kind == "openai":
-        url, served = trust.endpoint_url(base_url), trust.endpoint_model(model)
-        endpoint = BackendSpec(kind="openai", base_url=url, model=served, max_tokens=ASSISTANT_MAX_TOKENS,
-                               api_key=trust.api_key(api_key, url))
-        spec = f"openai:{url}:{served}"
-    else:
-        endpoint, spec = BackendSpec(kind="local", max_tokens=ASSISTANT_MAX_TOKENS), "local"
+    # the Studio's trust boundary for the assistant's boxes; the tab offers each kind's default model
+    default = BackendSpec()
+    endpoint = trust.backend(kind, default.system_prompt, default.temperature, ASSISTANT_MAX_TOKENS,
+                             base_url, model if needs_endpoint(kind) else "", api_key)
+    spec = spec_text(endpoint)  # what the records and the report name (never the key)
     arms = [Arm("A", spec)]
     if off:
         arms.append(Arm("B", spec, parse_guardrails(",".join(f"{g}=0" for g in off))))
@@ -296,7 +299,7 @@ def build_batch_tab() -> None:
             max_turns = gr.Slider(1, 12, value=4, step=1, label="Max user turns", elem_id="batch-turns")
             max_new_tokens = gr.Slider(8, 128, value=64, step=8, label="Max tokens per user turn", elem_id="batch-tokens")
     with gr.Row():
-        assistant = gr.Dropdown(["local", "openai"], value="local", label="Assistant", elem_id="batch-assistant")
+        assistant = gr.Dropdown(BATCH_CHOICES, value=BATCH_CHOICES[0][1], label="Assistant", elem_id="batch-assistant")
         base_url = gr.Textbox(label="Base URL (openai)", placeholder="http://localhost:8000/v1", elem_id="batch-url")
         model = gr.Textbox(label="Model (openai)", elem_id="batch-model")
         api_key = gr.Textbox(label="API key (openai; sent only to this URL, never stored)", type="password")

@@ -33,7 +33,7 @@ from usersim_ui.app.zerogpu import (
     simulator,
     uses_local_model,
 )
-from usersim_ui.assistants.registry import BackendSpec, make_backend
+from usersim_ui.assistants.registry import BackendSpec, make_backend, researcher_types
 from usersim_ui.core import transitions
 from usersim_ui.core.dialogue import (
     Dialogue,
@@ -325,7 +325,7 @@ def run_turns(dialogue: Dialogue | None, intent: str, form: Form, session: str, 
                 original = start = begin(dialogue, intent)
             if role is not None and start.next_role != role:
                 raise ValueError(f"It is the {start.next_role}'s turn.")
-            if start.next_role == "assistant" and spec.kind == "researcher":
+            if start.next_role == "assistant" and researcher_types(spec.kind):
                 raise transitions.NeedsResearcher("You are the assistant: type the reply and press Send.")
             start = transitions.ensure_open(start, settings)
             yield from _run(run, original, start, settings, spec, session, max_new_turns, regenerate, shown)

@@ -22,7 +22,11 @@ from usersim_ui.app.form import Form, number_input, settings_from_inputs
 from usersim_ui.app.mcp_tool import register as register_user_turn_tool
 from usersim_ui.app.style import STUDIO_CSS
 from usersim_ui.app.zerogpu import simulator
-from usersim_ui.assistants.registry import PAGE_CHOICES
+from usersim_ui.assistants.registry import (
+    PAGE_CHOICES,
+    needs_endpoint,
+    researcher_types,
+)
 from usersim_ui.core import transitions
 from usersim_ui.core.dialogue import Dialogue
 from usersim_ui.core.guardrails import GUARDRAILS
@@ -274,7 +278,7 @@ def control_states(dialogue: Dialogue | None, kind: str, max_turns: float | None
     except transitions.DialogueOver:
         open_ = False
     user_next = dialogue.next_role == "user"
-    you = kind == "researcher"
+    you = researcher_types(kind)
     states = {
         "next_user_turn": open_ and user_next, "next_assistant_turn": open_ and not user_next and not you,
         "step": open_ and (user_next or not you), "auto_run": open_ and (user_next or not you),
@@ -461,7 +465,7 @@ def _wire_settings(page: Page) -> None:
           concurrency_limit=None)
 
     def show_backend(kind):
-        return gr.update(visible=kind == "openai"), gr.update(visible=kind == "researcher")
+        return gr.update(visible=needs_endpoint(kind)), gr.update(visible=researcher_types(kind))
     page.backend[0].change(show_backend, [page.backend[0]], [page.openai_box, page.you_box], api_name=False)
 
 

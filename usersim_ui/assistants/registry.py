@@ -11,19 +11,18 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from usersim_ui.assistants.local import TransformersAssistant
-from usersim_ui.assistants.openai import OpenAIAssistant
 from usersim_ui.assistants.scripted import ScriptedAssistant
 from usersim_ui.core.errors import BackendError
 from usersim_ui.core.limits import MAX_TURNS
 from usersim_ui.core.protocols import AssistantBackend
-from usersim_ui.inference.model_loading import (
-    LoadedModel,
-    load_chat_model,
-    offline_chat_model,
-)
+
+if TYPE_CHECKING:
+    from usersim_ui.inference.model_loading import LoadedModel
+
+# The table is read where no model is wanted (the CLIs' help, the page's choices): each kind's
+# module (torch, the openai client) is imported by its factory, when a backend is built.
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +55,8 @@ _load_failures: dict[str, tuple[float, str]] = {}
 @functools.lru_cache(maxsize=2)
 def local_chat_model(model_id: str) -> LoadedModel:
     """A transformers chat model by hub id or path, kept in memory once loaded."""
+    from usersim_ui.inference.model_loading import load_chat_model
+
     return load_chat_model(model_id)
 
 
@@ -64,6 +65,9 @@ def _local(spec: BackendSpec) -> AssistantBackend:
     the CLIs are run by the host). A load that fails says so without the id or path: the message
     reaches the page, the details go to the host's log. The failure is remembered for a while, so
     that a broken model does not hold the shared model slot for a load attempt on every turn."""
+    from usersim_ui.assistants.local import TransformersAssistant
+    from usersim_ui.inference.model_loading import offline_chat_model
+
     model_id = spec.model.strip()
     failed = _load_failures.get(model_id)
     if failed is not None and time.monotonic() - failed[0] < LOAD_FAILURE_MEMORY_S:
@@ -80,6 +84,8 @@ def _local(spec: BackendSpec) -> AssistantBackend:
 
 
 def _openai(spec: BackendSpec) -> AssistantBackend:
+    from usersim_ui.assistants.openai import OpenAIAssistant
+
     if not spec.base_url.strip() or not spec.model.strip():
         raise ValueError("An OpenAI-compatible backend needs a base URL and a model name.")
     return OpenAIAssistant(base_url=spec.base_url.strip(), model=spec.model.strip(), api_key=spec.api_key,
@@ -90,6 +96,9 @@ def _scripted(spec: BackendSpec) -> AssistantBackend:
     return ScriptedAssistant([SCRIPTED_REPLIES[i % len(SCRIPTED_REPLIES)] for i in range(MAX_TURNS)])
 
 
+SPEC_PARTS = {"model": "MODEL", "base_url": "URL"}  # a spec string's parts, as help texts name them
+
+
 @dataclass(frozen=True)
 class AssistantKind:
     name: str
@@ -97,15 +106,30 @@ class AssistantKind:
     factory: Callable[[BackendSpec], AssistantBackend | None]
     uses_local_model: bool  # runs in this process: needs the GPU function and the model slot
     on_page: bool = True  # offered in the Studio
+    typed_by_researcher: bool = False  # no model: the researcher types its turns (so no batch can run it)
+    spec_parts: tuple[str, ...] = ()  # BackendSpec fields its spec string carries after "name:", in order
+    parts_optional: bool = False  # the spec may be the name alone ("local": the default model)
+
+    @property
+    def spec_forms(self) -> list[str]:
+        """How a spec string names this kind (``local``, ``local:MODEL``, ``openai:URL:MODEL``)."""
+        full = ":".join([self.name, *(SPEC_PARTS[p] for p in self.spec_parts)])
+        return [self.name, full] if self.spec_parts and self.parts_optional else [full]
 
 
 KINDS: dict[str, AssistantKind] = {k.name: k for k in (
-    AssistantKind("local", "Local model (SmolLM2-135M-Instruct)", _local, uses_local_model=True),
-    AssistantKind("openai", "OpenAI-compatible endpoint", _openai, uses_local_model=False),
-    AssistantKind("researcher", "You are the assistant (type the replies)", lambda spec: None, uses_local_model=False),
+    AssistantKind("local", "Local model (SmolLM2-135M-Instruct)", _local, uses_local_model=True,
+                  spec_parts=("model",), parts_optional=True),
+    AssistantKind("openai", "OpenAI-compatible endpoint", _openai, uses_local_model=False,
+                  spec_parts=("base_url", "model")),
+    AssistantKind("researcher", "You are the assistant (type the replies)", lambda spec: None, uses_local_model=False,
+                  typed_by_researcher=True),
     AssistantKind("scripted", "Scripted replies (no model)", _scripted, uses_local_model=False, on_page=False),
 )}
 PAGE_CHOICES = [(k.label, k.name) for k in KINDS.values() if k.on_page]
+BATCH_CHOICES = [(k.label, k.name) for k in KINDS.values() if k.on_page and not k.typed_by_researcher]
+# what a command line may name (it runs unattended: no kind whose turns the researcher types)
+SPEC_FORMS = " | ".join(form for k in KINDS.values() if not k.typed_by_researcher for form in k.spec_forms)
 
 
 def kind_of(spec: BackendSpec) -> AssistantKind:
@@ -114,23 +138,45 @@ def kind_of(spec: BackendSpec) -> AssistantKind:
     return KINDS[spec.kind]
 
 
+def researcher_types(kind: object) -> bool:
+    """Whether the kind named ``kind`` (anything a page sends) has the researcher type its turns."""
+    row = KINDS.get(kind) if isinstance(kind, str) else None
+    return row is not None and row.typed_by_researcher
+
+
+def needs_endpoint(kind: object) -> bool:
+    """Whether the kind named ``kind`` talks to an endpoint (its URL, model and key boxes apply)."""
+    row = KINDS.get(kind) if isinstance(kind, str) else None
+    return row is not None and "base_url" in row.spec_parts
+
+
 def make_backend(spec: BackendSpec) -> AssistantBackend | None:
     """The backend for a spec; None means the researcher types the assistant's turns."""
     return kind_of(spec).factory(spec)
 
 
 def parse_spec(text: str, base: BackendSpec | None = None) -> BackendSpec:
-    """A CLI spec string: ``local``, ``local:MODEL``, ``openai:URL:MODEL``, ``scripted`` or
-    ``researcher``, over ``base`` (sampling, system prompt, key)."""
+    """A CLI spec string (:data:`SPEC_FORMS`: ``local``, ``local:MODEL``, ``openai:URL:MODEL``,
+    ...) over ``base`` (sampling, system prompt, key). A URL holds colons: every part but the
+    last takes what lies left of the last colons."""
     base = base or BackendSpec()
-    kind, _, rest = text.strip().partition(":")
-    if kind == "local":
-        return replace(base, kind="local", model=rest)
-    if kind == "openai":
-        url, _, model = rest.rpartition(":")
-        if not url or not model:
-            raise ValueError(f"assistant {text!r}: use openai:URL:MODEL")
-        return replace(base, kind="openai", base_url=url, model=model)
-    if kind in KINDS and not rest:
-        return replace(base, kind=kind)
-    raise ValueError(f"unknown assistant {text!r}: local, local:MODEL, openai:URL:MODEL, scripted or researcher")
+    name, colon, rest = text.strip().partition(":")
+    kind = KINDS.get(name)
+    if kind is not None:
+        parts = kind.spec_parts
+        if not rest and not colon and (not parts or kind.parts_optional):
+            return replace(base, kind=name, **{p: "" for p in parts})
+        values = rest.rsplit(":", len(parts) - 1) if parts else []
+        if parts and len(values) == len(parts) and all(v.strip() for v in values):
+            return replace(base, kind=name, **dict(zip(parts, values)))
+        if parts:
+            raise ValueError(f"assistant {text!r}: use {' or '.join(kind.spec_forms)}")
+    raise ValueError(f"unknown assistant {text!r}: {SPEC_FORMS}")
+
+
+def spec_text(spec: BackendSpec) -> str:
+    """The spec string that :func:`parse_spec` reads back as ``spec``'s kind and parts (never
+    the key: a spec string is written into records and reports)."""
+    kind = kind_of(spec)
+    values = [str(getattr(spec, p)) for p in kind.spec_parts]
+    return ":".join([kind.name, *values]) if any(values) else kind.name

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
+from usersim_ui.assistants.registry import SPEC_FORMS, kind_of, parse_spec
 from usersim_ui.batch import runner
 from usersim_ui.batch.runner import (
     INTENTS_SHAPE,
@@ -84,7 +85,7 @@ def served_model(url: str, timeout_s: float = 10.0) -> str:
 def make_assistant(spec: str, seed: int, max_tokens: int, max_turns: int) -> Any:
     """An ``--assistant`` spec (``assistants.registry.parse_spec``) -> a backend. The CLI is run by
     the host, so an endpoint gets the host's ``OPENAI_API_KEY``."""
-    from usersim_ui.assistants.registry import BackendSpec, make_backend, parse_spec
+    from usersim_ui.assistants.registry import BackendSpec, make_backend
 
     return make_backend(parse_spec(spec, BackendSpec(max_tokens=max_tokens, seed=seed,
                                                      api_key=os.environ.get("OPENAI_API_KEY", ""))))
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every (intent, sample) K times with fresh seeds (recorded per dialogue); the report shows "
                         "each metric's spread across repeats, the noise floor beside every A-B difference (1: today's "
                         "seeds and keys)")
-    p.add_argument("--assistant", default="local", help="local | local:MODEL | openai:URL:MODEL")
+    p.add_argument("--assistant", default="local", help=f"{SPEC_FORMS} (an endpoint's key from OPENAI_API_KEY)")
     p.add_argument("--assistant-b", default=None, help="B arm's assistant (makes it an A/B run)")
     p.add_argument("--guardrails", default=None, help="A arm's guardrails: off | name=value,... (default: the paper's)")
     p.add_argument("--guardrails-b", default=None, help="B arm's guardrails, e.g. off or first_token=0,length=0")
@@ -220,7 +221,7 @@ def _main(args: argparse.Namespace) -> int:
     def backend_for(job: Job) -> Any:
         spec = by_name[job.arm].assistant
         backend = make_assistant(spec, job.seed, args.assistant_max_tokens, args.max_turns)
-        return Serialised(backend, model_lock) if spec.startswith("local") else backend
+        return Serialised(backend, model_lock) if kind_of(parse_spec(spec)).uses_local_model else backend
 
     out = Path(args.out)
     print(f"{len(jobs)} dialogues planned ({len(intents)} intents x {args.samples} samples x {len(arms)} arm(s)"

@@ -56,7 +56,7 @@ class Arm:
     """One side of a run: which assistant answers and which guardrails the user runs with."""
 
     name: str
-    assistant: str = "local"  # local | local:MODEL | openai:URL:MODEL | scripted
+    assistant: str = "local"  # a spec string (assistants.registry.SPEC_FORMS)
     guardrails: GuardrailSettings = field(default_factory=GuardrailSettings)
 
 
