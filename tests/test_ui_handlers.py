@@ -9,7 +9,13 @@ import pytest
 from usersim_ui.app import handlers, zerogpu
 from usersim_ui.app.form import Form, settings_from_inputs
 from usersim_ui.app.studio import control_states
-from usersim_ui.core.dialogue import Dialogue, GuardrailEvent, RejectedSample, Turn
+from usersim_ui.core.dialogue import (
+    Dialogue,
+    GuardrailEvent,
+    GuardrailSettings,
+    RejectedSample,
+    Turn,
+)
 
 SETTINGS = [1.0, 0.8, 6, 0, 3, True, True, 0, True, 1, 1000, True, 2]  # settings_from_inputs order
 RESEARCHER = ["researcher", "", 0.7, 16, "", "", ""]
@@ -183,3 +189,17 @@ def test_a_turn_streams_into_the_chat_and_its_guardrail_story_folds_into_the_bad
     assert [r.reason.split(":")[0] for r in turn.rejected][:1] == ["length"]
     assert all(m.get("metadata", {}).get("status") != "pending" for m in final[1])
     assert "rejected" in final[1][-2]["content"]  # the story folded into the accepted turn's badge
+
+
+@pytest.mark.parametrize("guardrails", [GuardrailSettings(), GuardrailSettings().all_off(),
+                                        GuardrailSettings(banned_first_words=("Sure", "Hi"), first_token_any_case=True,
+                                                          min_user_turns_before_end=3, min_words=1, max_words=9,
+                                                          retry_cap=0, length_thresholds=False)])
+def test_the_guardrail_boxes_read_back_as_the_settings_they_show(guardrails):
+    """``form.guardrail_boxes`` is the inverse of the form's parsing: the page's first values and
+    the MCP tool's settings cannot drift from what the boxes mean."""
+    from usersim_ui.app.form import guardrail_boxes
+
+    parsed = settings_from_inputs(temperature=1.0, top_p=0.8, max_new_tokens=64, seed=0, max_turns=4,
+                                  **guardrail_boxes(guardrails))
+    assert parsed.guardrails == guardrails

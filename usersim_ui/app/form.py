@@ -62,6 +62,17 @@ def settings_from_inputs(temperature: float, top_p: float, max_new_tokens: float
                               max_turns=int(number_input(max_turns, "Max user turns", 1, MAX_TURNS // 2)))
 
 
+def guardrail_boxes(guardrails: GuardrailSettings | None = None) -> dict[str, Any]:
+    """The guardrail boxes' values, by API name, that :func:`settings_from_inputs` reads back as
+    ``guardrails`` (default: the paper's): the page's first values and the MCP tool's settings."""
+    g = guardrails or GuardrailSettings()
+    return {"first_token": g.first_token_filter, "no_early_end": g.no_early_ending,
+            "min_turns_before_end": g.min_user_turns_before_end or 0, "length": g.length_thresholds,
+            "min_words": g.min_words, "max_words": g.max_words, "repetition": g.verbatim_repetition,
+            "retry_cap": g.retry_cap, "banned_words": ", ".join(g.banned_first_words),
+            "any_case": g.first_token_any_case}
+
+
 def backend_from_inputs(kind: str, system_prompt: str, temperature: float, max_tokens: float, base_url: str,
                         model: str, api_key: str) -> BackendSpec:
     """The assistant's boxes through the trust boundary: a local model only from the host's list,

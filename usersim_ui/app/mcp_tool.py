@@ -29,7 +29,7 @@ from typing import Any
 
 import gradio as gr
 
-from usersim_ui.app.form import settings_from_inputs
+from usersim_ui.app.form import guardrail_boxes, settings_from_inputs
 from usersim_ui.app.handlers import RUNS, turn_maker, visitor_of
 from usersim_ui.app.run_control import RunRefused
 from usersim_ui.app.zerogpu import USER_ERRORS, simulator
@@ -62,12 +62,9 @@ def parse_history(history: list[dict[str, str]] | str | None) -> list[dict[str, 
 
 def run_settings(seed: int, temperature: float, top_p: float, max_new_tokens: int, guardrails: bool) -> transitions.RunSettings:
     """The page's settings form with the paper's guardrail values (all on, or all off)."""
-    g = GuardrailSettings()
-    return settings_from_inputs(temperature, top_p, max_new_tokens, seed, MAX_TURNS // 2,
-                                guardrails and g.first_token_filter, guardrails and g.no_early_ending,
-                                g.min_user_turns_before_end or 0, guardrails and g.length_thresholds,
-                                g.min_words, g.max_words, guardrails and g.verbatim_repetition, g.retry_cap,
-                                ", ".join(g.banned_first_words), g.first_token_any_case)
+    paper = GuardrailSettings()
+    return settings_from_inputs(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                                max_turns=MAX_TURNS // 2, **guardrail_boxes(paper if guardrails else paper.all_off()))
 
 
 def simulated_user_turn(intent: str, history: list[dict[str, str]] | str = "[]", seed: int = 0,

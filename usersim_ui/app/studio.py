@@ -18,7 +18,12 @@ from usersim_ui.app import branches, handlers
 from usersim_ui.app.batch_tab import build_batch_tab
 from usersim_ui.app.branches import FORK_DEFAULT, FORK_MAX
 from usersim_ui.app.examples import load_examples
-from usersim_ui.app.form import Form, number_input, settings_from_inputs
+from usersim_ui.app.form import (
+    Form,
+    guardrail_boxes,
+    number_input,
+    settings_from_inputs,
+)
 from usersim_ui.app.mcp_tool import register as register_user_turn_tool
 from usersim_ui.app.style import STUDIO_CSS
 from usersim_ui.app.zerogpu import simulator
@@ -91,17 +96,21 @@ ELEM_IDS = {"first_token": "g-first", "no_early_ending": "g-end", "length": "g-l
 
 
 def _guardrail_settings(name: str) -> tuple[list[Any], list[Any]]:
-    """The boxes beside a guardrail's switch: (settings in the API order, extras sent last)."""
+    """The boxes beside a guardrail's switch: (settings in the API order, extras sent last), at
+    the paper's values (``form.guardrail_boxes``)."""
+    first = guardrail_boxes()
     if name == "first_token":
-        return [], [gr.Textbox("I, You, Here", label="Banned first words", elem_id="g-first-words", max_length=2000),
-                    gr.Checkbox(False, label="Any case", elem_id="g-first-case", info="also 'i', 'YOU'...")]
+        return [], [gr.Textbox(first["banned_words"], label="Banned first words", elem_id="g-first-words",
+                               max_length=2000),
+                    gr.Checkbox(first["any_case"], label="Any case", elem_id="g-first-case", info="also 'i', 'YOU'...")]
     if name == "no_early_ending":
-        return [gr.Number(0, label="Min user turns before ending (0 = never)", precision=0, minimum=0)], []
+        return [gr.Number(first["min_turns_before_end"], label="Min user turns before ending (0 = never)",
+                          precision=0, minimum=0)], []
     if name == "length":
-        return [gr.Number(3, label="Min words", precision=0, minimum=0),
-                gr.Number(25, label="Max words", precision=0, minimum=1)], []
+        return [gr.Number(first["min_words"], label="Min words", precision=0, minimum=0),
+                gr.Number(first["max_words"], label="Max words", precision=0, minimum=1)], []
     if name == "repetition":
-        return [gr.Number(5, label="Retry cap", precision=0, minimum=0, maximum=32)], []
+        return [gr.Number(first["retry_cap"], label="Retry cap", precision=0, minimum=0, maximum=32)], []
     return [], []
 
 
