@@ -19,7 +19,6 @@ import pytest
 from usersim_ui.analysis import distribution as dist
 from usersim_ui.batch.runner import (
     read_records,
-    sample_seed,
     write_reports,
 )
 from usersim_ui.core.dialogue import (
@@ -30,6 +29,7 @@ from usersim_ui.core.dialogue import (
     Turn,
 )
 from usersim_ui.core.guardrails import parse_guardrails
+from usersim_ui.core.seeds import sample_seed
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,9 +15,10 @@ import pytest
 from test_batch import run_cli
 
 from usersim_ui.analysis import distribution as dist
-from usersim_ui.batch.runner import Arm, plan, read_records, sample_seed, write_reports
+from usersim_ui.batch.runner import Arm, plan, read_records, write_reports
 from usersim_ui.core.dialogue import Dialogue, GuardrailSettings, Turn, dialogue_to_dict
 from usersim_ui.core.intents import SampleIntent
+from usersim_ui.core.seeds import sample_seed
 
 TINY = ["--user-model", "tiny", "--assistant", "scripted", "--max-new-tokens", "6", "--bootstrap", "50"]
 

@@ -49,7 +49,7 @@ from usersim_ui.core.guardrails import REPORTED
 
 # Every guardrail a turn may record as acting, from the core's table (a context trim is not a guardrail
 # decision about the user's text: it is counted as context_trims).
-GUARDRAILS = tuple(g.name for g in REPORTED if g.name != "context")
+COUNTED_GUARDRAILS = tuple(g.name for g in REPORTED if g.name != "context")  # what the batch metrics count per guardrail
 ARM_COLOURS = ("#2563eb", "#f97316", "#16a34a", "#9333ea")
 GROUP_DASH = {"all": "solid", "user": "dash", "turn_cap": "dot", "researcher": "dashdot", "open": "longdash"}
 
@@ -120,7 +120,7 @@ def dialogue_table(arms: Mapping[str, Sequence[Dialogue]]) -> pd.DataFrame:
                 "arm": arm, "id": d.id, "intent": d.intent, "user_turns": len(users), "ended_by": ended_by(d),
                 "mean_p_end": float(np.mean(p)) if p else math.nan,
                 "resamples": sum(len(t.rejected) for t in users),
-                **{f"{g}_turns": sum(any(e.guardrail == g and e.acted for e in t.guardrails) for t in users) for g in GUARDRAILS},
+                **{f"{g}_turns": sum(any(e.guardrail == g and e.acted for e in t.guardrails) for t in users) for g in COUNTED_GUARDRAILS},
                 "first_turn": users[0].text if users else "",
             })
     return pd.DataFrame(rows)
@@ -168,11 +168,11 @@ def guardrails_by_turn(dialogues: Sequence[Dialogue]) -> pd.DataFrame:
     for index in sorted(per):
         turns = per[index]
         row = {"turn": index, "n": len(turns)}
-        for g in GUARDRAILS:
+        for g in COUNTED_GUARDRAILS:
             row[g] = sum(any(e.guardrail == g and e.acted for e in t.guardrails) for t in turns) / len(turns)
         row["resamples_per_turn"] = sum(len(t.rejected) for t in turns) / len(turns)
         rows.append(row)
-    return pd.DataFrame(rows, columns=["turn", "n", *GUARDRAILS, "resamples_per_turn"])
+    return pd.DataFrame(rows, columns=["turn", "n", *COUNTED_GUARDRAILS, "resamples_per_turn"])
 
 
 def intent_table(dialogues: Sequence[Dialogue]) -> pd.DataFrame:
@@ -205,7 +205,7 @@ METRICS: dict[str, str] = {
     "ended_by_turn_cap": "share of dialogues the turn cap ended",
     "mean_p_end": "mean P(end) over user turns",
     "guardrail_activation": "share of user turns on which any guardrail acted",
-    **{f"{g}_activation": f"share of user turns on which {g} acted" for g in GUARDRAILS},
+    **{f"{g}_activation": f"share of user turns on which {g} acted" for g in COUNTED_GUARDRAILS},
     "resamples_per_user_turn": "rejected samples per user turn",
     "verbatim_repeat_rate": "kept non-ending user turns that repeat an earlier one or the intent",
     "distinct_1": "first-turn distinct-1 x100, mean over intents",
@@ -247,9 +247,9 @@ def _intent_parts(group: Sequence[Dialogue]) -> dict[str, tuple[float, float]]:
         "ended_by_user": (sum(d.ended_by == "user" for d in group), len(group)),
         "ended_by_turn_cap": (sum(d.ended_by == "turn_cap" for d in group), len(group)),
         "mean_p_end": (sum(p), len(p)),
-        "guardrail_activation": (sum(any(e.guardrail in GUARDRAILS and e.acted for e in t.guardrails) for t in users), n_turns),
+        "guardrail_activation": (sum(any(e.guardrail in COUNTED_GUARDRAILS and e.acted for e in t.guardrails) for t in users), n_turns),
         **{f"{g}_activation": (sum(any(e.guardrail == g and e.acted for e in t.guardrails) for t in users), n_turns)
-           for g in GUARDRAILS},
+           for g in COUNTED_GUARDRAILS},
         "resamples_per_user_turn": (sum(len(t.rejected) for t in users), n_turns),
         "verbatim_repeat_rate": (sum(kept), len(kept)),
     }
@@ -346,7 +346,7 @@ METRIC_INFO: dict[str, MetricInfo] = {
     "mean_p_end": MetricInfo("Mean P(end)", "probability", "p_end"),
     "guardrail_activation": MetricInfo("Any guardrail acted", "share of user turns", "shares"),
     **{f"{g.name}_activation": MetricInfo(f"{g.label[:1].upper()}{g.label[1:]} acted", "share of user turns", "shares")
-       for g in REPORTED if g.name in GUARDRAILS},
+       for g in REPORTED if g.name in COUNTED_GUARDRAILS},
     "resamples_per_user_turn": MetricInfo("Resamples per user turn", "samples per turn", "counts"),
     "verbatim_repeat_rate": MetricInfo("Verbatim repeats", "share of kept turns", "shares"),
     "distinct_1": MetricInfo("First-turn distinct-1", "x100", "distinct"),
@@ -440,7 +440,7 @@ def guardrail_figure(arms: Mapping[str, Sequence[Dialogue]]) -> go.Figure:
     for index, (arm, dialogues) in enumerate(arms.items()):
         t = guardrails_by_turn(dialogues)
         x = t["turn"] + _offset(index, len(arms), 0.1)
-        for colour, column in zip(colours, GUARDRAILS):
+        for colour, column in zip(colours, COUNTED_GUARDRAILS):
             name = f"{arm}: {column}" if len(arms) > 1 else column
             fig.add_scatter(x=x, y=t[column], mode="lines+markers", name=name, row=1, col=1,
                             line=dict(color=colour, dash=ARM_DASHES[index % 4]), marker=dict(symbol=ARM_SYMBOLS[index % 4]))

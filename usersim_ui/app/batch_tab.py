@@ -1,6 +1,6 @@
 """The "Batch" tab: many dialogues at once, their distributions and an optional A/B arm.
 
-``build_batch_tab()`` is called by ``ui.py`` inside an open ``gr.Blocks()`` / ``gr.Tab``
+``build_batch_tab()`` is called by ``app.studio`` inside an open ``gr.Blocks()`` / ``gr.Tab``
 context. The handler, :func:`run_batch_ui`, is a plain function (tests call it directly) and
 is exposed as the API event ``batch_run``. One batch runs at a time in the app; it is the
 session's run in ``run_control``; each of its turns is made as the Studio tab makes one

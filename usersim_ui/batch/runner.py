@@ -17,7 +17,7 @@ the next run. Both arms of an A/B use the same seed for the same (intent, sample
 Concurrency: the in-process model (``--user-model`` without ``--user-server``, or a local
 assistant) is one model on one device behind one lock; with ``--concurrency`` above 1 the user
 turns that dialogues in flight wait for at the same time go through it as one batched
-``generate()`` call (``turn_batcher``), and the assistant's turns take it one at a time; a simulated
+``generate()`` call (``users.batcher``), and the assistant's turns take it one at a time; a simulated
 user on completions servers runs ``--concurrency`` dialogues in flight, each pinned to one
 replica for all its turns (sha256 of its key modulo the number of servers), which keeps the
 server's prefix cache warm.
@@ -26,7 +26,6 @@ server's prefix cache warm.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -48,6 +47,7 @@ from usersim_ui.core.dialogue import (
 )
 from usersim_ui.core.intents import SampleIntent, load_sample_intents
 from usersim_ui.core.limits import MAX_INTENT_CHARS, check_text
+from usersim_ui.core.seeds import sample_seed
 
 # ---- plan ---------------------------------------------------------------------------------
 
@@ -69,17 +69,6 @@ class Job:
     arm: str
     seed: int
     repeat: int = 0
-
-
-def sample_seed(base_seed: int, intent_id: str, sample: int, repeat: int = 0) -> int:
-    """The seed of one (intent, sample, repeat), shared by both arms of an A/B.
-
-    Repeat 0 is the seed every batch has always had (so files written before ``--repeats``
-    existed resume unchanged); repeat ``r`` > 0 hashes ``r`` in as one more part, the way
-    ``core.seeds`` derives every seed from its position: a fresh seed, reproducible from the record."""
-    parts = f"{base_seed}\0{intent_id}\0{sample}" + (f"\0repeat\0{repeat}" if repeat else "")
-    digest = hashlib.sha256(parts.encode()).digest()
-    return int.from_bytes(digest[:4], "big") % 2**31
 
 
 def job_key(intent_id: str, sample: int, arm: str, repeat: int = 0) -> str:

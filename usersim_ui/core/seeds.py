@@ -62,3 +62,17 @@ def draw_seed(seed: int, round_no: int) -> int:
 def round_seed(seed: int, round_no: int) -> int:
     """The seed of resampling round ``round_no`` inside one turn (round 0: the turn seed)."""
     return seed if round_no == 0 else _derive("round", seed, round_no)
+
+
+# ---- batch runs ------------------------------------------------------------------------------
+
+def sample_seed(base_seed: int, intent_id: str, sample: int, repeat: int = 0) -> int:
+    """The seed of one (intent, sample, repeat), shared by both arms of an A/B.
+
+    Repeat 0 is the seed every batch has always had (so files written before ``--repeats``
+    existed resume unchanged); repeat ``r`` > 0 hashes ``r`` in as one more part, the way every
+    seed here derives from its position: a fresh seed, reproducible from the record. (sha256, not
+    :func:`_derive`: batch files written with it must keep resuming.)"""
+    parts = f"{base_seed}\0{intent_id}\0{sample}" + (f"\0repeat\0{repeat}" if repeat else "")
+    digest = hashlib.sha256(parts.encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 2**31

@@ -71,7 +71,10 @@ class Group:
 
 
 @dataclass
-class BatchResult:
+class SampledRows:
+    """What one batched generate() call drew: per row its new ids and whether it was cut, the first
+    step's logits, and what the call cost (not a batch *run*: that is ``batch.runner.BatchResult``)."""
+
     new_ids: list[list[int]]  # per row, cut like ``generation.sample`` cuts it
     truncated: list[bool]
     first_logits: torch.Tensor  # (rows, vocab), raw
@@ -117,7 +120,7 @@ class RowStops(StoppingCriteria):
 
 
 def batched_sample(simulator: UserSimulator, groups: list[Group], stop_event: threading.Event | None = None,
-                   prompt_cache: "PromptCache | None" = None, keep_cache: bool = False) -> BatchResult:
+                   prompt_cache: "PromptCache | None" = None, keep_cache: bool = False) -> SampledRows:
     """One ``generate()`` call for every row of ``groups`` (see the module docstring).
 
     ``prompt_cache``: the first call's prompts, already prefilled: each row starts from its
@@ -174,7 +177,7 @@ def batched_sample(simulator: UserSimulator, groups: list[Group], stop_event: th
         prefilled, ran = len(rows), len(rows)
     else:
         prefilled, ran = sum(len(r) for r in rows), length * len(rows)
-    return BatchResult(new_ids, truncated, first.value, latency, prefill_tokens=prefilled, padded_tokens=ran,
+    return SampledRows(new_ids, truncated, first.value, latency, prefill_tokens=prefilled, padded_tokens=ran,
                        cache=kept)
 
 

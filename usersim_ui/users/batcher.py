@@ -4,7 +4,7 @@ A batch run keeps many dialogues in flight, each in its own thread, all sharing 
 model. Serialised, they would take the model one turn at a time; :class:`TurnBatcher` stands in
 for the simulator and gathers the turns that are waiting while the model is busy: the thread
 that gets the model next makes all of them with
-:func:`batched_turns.generate_user_turns` (each with the seed, guardrails and p_end it would
+:func:`users.batched.generate_user_turns` (each with the seed, guardrails and p_end it would
 have had alone) and hands every waiting thread its own turn. Nothing waits for a timer: a lone
 turn goes at once, through the single-dialogue path and its prefix cache; batches form only
 from turns that would have queued anyway.

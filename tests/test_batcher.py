@@ -9,7 +9,7 @@ import time
 from dataclasses import replace
 
 import pytest
-from test_batched_turns import decisions, dialogues, settings, sharp  # noqa: F401 - sharp is a fixture
+from test_batched_users import decisions, dialogues, settings, sharp  # noqa: F401 - sharp is a fixture
 
 from usersim_ui.core.dialogue import Dialogue
 from usersim_ui.core.errors import ContextTooLong, GenerationCancelled
