@@ -17,7 +17,7 @@ import tempfile
 import time
 import uuid
 import weakref
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,15 +105,12 @@ def plan_line(intents_file: Any, samples: float, max_turns: float, b_off: list[s
     from usersim_ui.app.handlers import RUNS, session_of
 
     try:
-        intents, _ = _intents(intents_file, sample_ids)
-        n_samples = int(trust.number(samples, "Samples per intent", 1, 20))
-        n_turns = int(trust.number(max_turns, "Max user turns", 1, 30))
-        n_tokens = int(trust.number(max_new_tokens, "Max tokens per user turn", 1, 256))
-        arms = 1 + bool(trust.choices(b_off, "B arm", GUARDRAIL_CHOICES))
+        grid = BatchGrid.parse(intents_file, samples, max_turns, b_off, max_new_tokens, sample_ids)
     except ValueError as exc:
         return f"**Plan:** {literal_line(str(exc))}"
-    dialogues = len(intents) * n_samples * arms
-    turns = dialogues * n_turns
+    intents, n_samples, arms, n_tokens = grid.intents, grid.samples, grid.arm_count, grid.max_new_tokens
+    dialogues = grid.dialogues
+    turns = dialogues * grid.max_turns
     measured = RUNS.session_data(session_of(request)).get("batch_s_per_token")
     rate = float(measured) if isinstance(measured, (int, float)) else CPU_S_PER_TOKEN
     source = ("measured in this session's last batch" if measured is not None
@@ -155,6 +152,51 @@ def display_table(table: Any) -> Any:
     return shown
 
 
+@dataclass(frozen=True)
+class BatchGrid:
+    """What the tab's boxes ask for, parsed once through the trust boundary: the plan line and
+    the run read the same values (and a bad box is refused before a run starts)."""
+
+    intents: list[SampleIntent]
+    problems: list[str]  # lines of an uploaded file that cannot run (listed, skipped)
+    samples: int
+    max_turns: int
+    max_new_tokens: int
+    b_off: list[str]  # guardrails the B arm switches off (none: no B arm)
+
+    @classmethod
+    def parse(cls, intents_file: Any, samples: Any, max_turns: Any, b_off: Any, max_new_tokens: Any,
+              sample_ids: Any = None) -> "BatchGrid":
+        intents, problems = _intents(intents_file, sample_ids)
+        return cls(intents, problems, int(trust.number(samples, "Samples per intent", 1, 20)),
+                   int(trust.number(max_turns, "Max user turns", 1, 30)),
+                   int(trust.number(max_new_tokens, "Max tokens per user turn", 1, 256)),
+                   trust.choices(b_off, "B arm", GUARDRAIL_CHOICES))
+
+    def arms(self, assistant: str) -> list[Arm]:
+        """Arm A, and B with ``b_off`` switched off (same seeds per intent and sample)."""
+        a = [Arm("A", assistant)]
+        return a + [Arm("B", assistant, parse_guardrails(",".join(f"{g}=0" for g in self.b_off)))] if self.b_off else a
+
+    @property
+    def arm_count(self) -> int:
+        return 2 if self.b_off else 1
+
+    @property
+    def dialogues(self) -> int:
+        return len(self.intents) * self.samples * self.arm_count
+
+
+def assistant_spec(assistant: Any, base_url: Any, model: Any, api_key: Any) -> BackendSpec:
+    """The tab's assistant through the Studio's trust boundary (``trust.backend``): the host's key
+    only to an endpoint the host trusts, any other gets ``api_key``, the visitor's own; each kind
+    at its default model."""
+    kind = trust.choice(assistant, "Assistant", [name for _label, name in BATCH_CHOICES])
+    default = BackendSpec()
+    return trust.backend(kind, default.system_prompt, default.temperature, ASSISTANT_MAX_TOKENS,
+                         base_url, model if needs_endpoint(kind) else "", api_key)
+
+
 def run_batch_ui(intents_file: Any, samples: float, max_turns: float, assistant: str, base_url: str, model: str,
                  b_off: list[str] | None, max_new_tokens: float = 64, api_key: str = "",
                  sample_ids: list[str] | None = None, progress: Any = gr.Progress(),
@@ -173,11 +215,12 @@ def run_batch_ui(intents_file: Any, samples: float, max_turns: float, assistant:
 
     session = session_of(request)
     try:
+        grid = BatchGrid.parse(intents_file, samples, max_turns, b_off, max_new_tokens, sample_ids)
+        endpoint = assistant_spec(assistant, base_url, model, api_key)
         with RUNS.start(session, visitor_of(request)) as run:  # counts against the visitor's cap too
             folder = SessionFolder(output_dir() / _folder_name(session))
             RUNS.session_data(session)["batch_folder"] = folder  # the session's previous batch folder goes
-            return _run_batch(run, folder.path, intents_file, samples, max_turns, assistant, base_url, model, b_off,
-                              max_new_tokens, api_key, progress, sample_ids, session)
+            return _run_batch(run, folder.path, grid, endpoint, progress, session)
     except (RunRefused, ValueError, OSError) as exc:
         raise gr.Error(str(exc), print_exception=False) from exc
 
@@ -201,31 +244,18 @@ def _intents(intents_file: Any, sample_ids: list[str] | None = None) -> tuple[li
     return found.intents, found.problems
 
 
-def _run_batch(run: Any, folder: Path, intents_file: Any, samples: float, max_turns: float, assistant: str,
-               base_url: str, model: str, b_off: list[str] | None, max_new_tokens: float, api_key: str,
-               progress: Any, sample_ids: list[str] | None = None, session: str = "") -> tuple:
+def _run_batch(run: Any, folder: Path, grid: BatchGrid, endpoint: BackendSpec, progress: Any,
+               session: str = "") -> tuple:
     from usersim_ui.app.handlers import turn_maker
     from usersim_ui.app.zerogpu import simulator
     from usersim_ui.core.transitions import RunSettings
 
-    intents, problems = _intents(intents_file, sample_ids)
-    n_samples = int(trust.number(samples, "Samples per intent", 1, 20))
-    n_turns = int(trust.number(max_turns, "Max user turns", 1, 30))
-    n_tokens = int(trust.number(max_new_tokens, "Max tokens per user turn", 1, 256))
-    kind = trust.choice(assistant, "Assistant", [name for _label, name in BATCH_CHOICES])
-    off = trust.choices(b_off, "B arm", GUARDRAIL_CHOICES)
-    # the Studio's trust boundary for the assistant's boxes; the tab offers each kind's default model
-    default = BackendSpec()
-    endpoint = trust.backend(kind, default.system_prompt, default.temperature, ASSISTANT_MAX_TOKENS,
-                             base_url, model if needs_endpoint(kind) else "", api_key)
-    spec = spec_text(endpoint)  # what the records and the report name (never the key)
-    arms = [Arm("A", spec)]
-    if off:
-        arms.append(Arm("B", spec, parse_guardrails(",".join(f"{g}=0" for g in off))))
-    if len(intents) * n_samples * len(arms) > MAX_DIALOGUES:
-        raise ValueError(f"{len(intents) * n_samples * len(arms)} dialogues is too many for the page (at most "
+    problems, n_turns, n_tokens = grid.problems, grid.max_turns, grid.max_new_tokens
+    arms = grid.arms(spec_text(endpoint))  # the spec string the records and the report name (never the key)
+    if grid.dialogues > MAX_DIALOGUES:
+        raise ValueError(f"{grid.dialogues} dialogues is too many for the page (at most "
                          f"{MAX_DIALOGUES}); use python -m usersim_ui.batch for large runs.")
-    jobs = plan(intents, n_samples, arms)
+    jobs = plan(grid.intents, grid.samples, arms)
     sampling = SamplingSettings(max_new_tokens=n_tokens)
     settings = {a.name: RunSettings(guardrails=a.guardrails, sampling=sampling, max_turns=n_turns) for a in arms}
     user = simulator()
