@@ -9,7 +9,7 @@ from usersim_ui.app.style import STUDIO_CSS
 from usersim_ui.inference.memory import limit_malloc_growth
 
 if __name__ == "__main__":
-    limit_malloc_growth()  # a long-running server: keep RSS flat (usersim_ui/memory.py says why)
+    limit_malloc_growth()  # a long-running server: keep RSS flat (usersim_ui/inference/memory.py says why)
     simulator()  # load (and on first run convert) the models before the page opens
     port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
     print(f"UserSim Studio: open http://localhost:{port}", flush=True)

@@ -36,9 +36,15 @@ def test_a_spec_string_reads_back_as_itself(text):
     assert "sk-secret" not in spec_text(spec)  # specs go into records and reports; keys never do
 
 
-def test_spec_parts_split_at_the_last_colons_so_a_url_keeps_its_port():
-    spec = parse_spec("openai:http://host:8000/v1:org/model")
-    assert (spec.kind, spec.base_url, spec.model) == ("openai", "http://host:8000/v1", "org/model")
+@pytest.mark.parametrize("text, url, model", [
+    ("openai:http://host:8000/v1:org/model", "http://host:8000/v1", "org/model"),  # a URL keeps its port
+    ("openai:http://host/v1:llama3:8b", "http://host/v1", "llama3:8b"),  # a model name keeps its tag
+    ("openai:http://host:8000:m", "http://host:8000", "m"),  # no path: the last colon splits
+])
+def test_spec_parts_split_where_the_url_ends(text, url, model):
+    spec = parse_spec(text)
+    assert (spec.kind, spec.base_url, spec.model) == ("openai", url, model) and parse_spec(spec_text(spec)) == spec
+    assert parse_spec("local:") == parse_spec("local") and parse_spec("scripted:").kind == "scripted"
     with pytest.raises(ValueError, match="openai:URL:MODEL"):
         parse_spec("openai:")
     with pytest.raises(ValueError, match="unknown assistant"):
@@ -66,3 +72,10 @@ def test_a_new_kind_is_a_row(monkeypatch):
     assert (spec.kind, spec.model, spec_text(spec)) == ("echo", "loud", "echo:loud")
     assert kind_of(spec).uses_local_model  # the batch CLI serialises it behind the model lock
     assert echo.spec_forms == ["echo:MODEL"] and registry.make_backend(spec) is None
+
+
+def test_a_bad_spec_stops_the_batch_cli_before_it_runs(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "usersim_ui.batch", "--intents", "sample", "--assistant", "openai:",
+                          "--out", str(tmp_path / "x.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "--assistant: assistant 'openai:': use openai:URL:MODEL" in out.stderr
+    assert not (tmp_path / "x.jsonl").exists()

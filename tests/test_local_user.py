@@ -282,6 +282,13 @@ def test_a_new_resampling_guardrail_is_one_row_of_the_table(tiny_sim, monkeypatc
     assert {e.guardrail for e in turn.guardrails} >= {"question", "retry_cap"}
 
 
+def test_a_row_that_resamples_carries_its_check():
+    from usersim_ui.core.guardrails import REPORTED
+
+    assert {g.name for g in REPORTED if g.check is not None} == {g.name for g in REPORTED if g.acts == "resample"} \
+        == {"length", "repetition"}
+
+
 def test_resampling_rounds_come_from_the_table_and_greedy_draws_once():
     from usersim_ui.app.zerogpu import gpu_seconds
     from usersim_ui.assistants.registry import BackendSpec

@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     from usersim_ui.users.registry import default_simulator
 
     intent = sample_intent(args.intent_id).intent if args.intent_id else args.intent
-    guardrails = replace(GuardrailSettings(), **{g.field: not getattr(args, f"off_{g.field}") for g in GUARDRAILS})
+    guardrails = replace(GuardrailSettings(), **{g.field: not getattr(args, f"off_{g.field}")
+                                                 for g in GUARDRAILS if g.field is not None})
     sampling = SamplingSettings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                                 seed=args.seed)
     settings = RunSettings(guardrails=guardrails, sampling=sampling, max_turns=args.max_turns)

@@ -57,6 +57,7 @@ def with_drafts(make: Callable[[OnDraft], Iterator[T]], stop: threading.Event, e
     maker.start()
     pending: Draft | None = None
     drafted, yielded = -float("inf"), time.monotonic()
+    finished = False
     try:
         while True:
             now = time.monotonic()
@@ -82,8 +83,9 @@ def with_drafts(make: Callable[[OnDraft], Iterator[T]], stop: threading.Event, e
             elif tag == _ERROR:
                 raise value  # type: ignore[misc]
             else:
+                finished = True
                 return
     finally:
-        if maker.is_alive():
+        if maker.is_alive() and not finished:  # closed early (Stop, the page went away) or failed
             stop.set()
             maker.join(join_s)

@@ -58,7 +58,9 @@ def uses_local_model(dialogue: Dialogue, spec: BackendSpec) -> bool:
 def gpu_seconds(dialogue: Dialogue, settings: transitions.RunSettings, spec: BackendSpec, seed: int | None) -> int:
     """The GPU slice to ask ZeroGPU for: the turn's token budget at a conservative 20 tokens/s."""
     if dialogue.next_role == "user":  # at most one generate() per round: the first sample, then the retries as a batch
-        tokens = settings.sampling.max_new_tokens * len(sampling_rounds(settings.guardrails, settings.sampling))
+        one_by_one = _simulator is not None and not _simulator.rules.batched_retries
+        tokens = settings.sampling.max_new_tokens * len(sampling_rounds(settings.guardrails, settings.sampling,
+                                                                        batched_retries=not one_by_one))
     else:
         tokens = spec.max_tokens
     return int(min(GPU_SECONDS_MAX, 15 + tokens / 20))

@@ -160,18 +160,31 @@ def parse_spec(text: str, base: BackendSpec | None = None) -> BackendSpec:
     ...) over ``base`` (sampling, system prompt, key). A URL holds colons: every part but the
     last takes what lies left of the last colons."""
     base = base or BackendSpec()
-    name, colon, rest = text.strip().partition(":")
+    name, _colon, rest = text.strip().partition(":")
     kind = KINDS.get(name)
     if kind is not None:
         parts = kind.spec_parts
-        if not rest and not colon and (not parts or kind.parts_optional):
+        if not rest.strip() and (not parts or kind.parts_optional):  # "local", "local:", "scripted"
             return replace(base, kind=name, **{p: "" for p in parts})
-        values = rest.rsplit(":", len(parts) - 1) if parts else []
+        values = _split_parts(rest, parts)
         if parts and len(values) == len(parts) and all(v.strip() for v in values):
             return replace(base, kind=name, **dict(zip(parts, values)))
         if parts:
             raise ValueError(f"assistant {text!r}: use {' or '.join(kind.spec_forms)}")
     raise ValueError(f"unknown assistant {text!r}: {SPEC_FORMS}")
+
+
+def _split_parts(rest: str, parts: tuple[str, ...]) -> list[str]:
+    """A spec's parts. A URL holds colons (``http://host:8000/v1``) and so may a model name
+    (``llama3:8b``): a URL part ends at the first colon after its path begins, else (no path)
+    the parts split at the last colons."""
+    if "base_url" in parts and parts[0] == "base_url" and len(parts) == 2:
+        host_at = rest.find("://")
+        path_at = rest.find("/", host_at + 3) if host_at >= 0 else -1
+        cut = rest.find(":", path_at) if path_at >= 0 else -1
+        if cut >= 0:
+            return [rest[:cut], rest[cut + 1:]]
+    return rest.rsplit(":", len(parts) - 1) if parts else []
 
 
 def spec_text(spec: BackendSpec) -> str:

@@ -165,6 +165,12 @@ def _main(args: argparse.Namespace) -> int:
     arms = [arm_a]
     if args.assistant_b or args.guardrails_b:
         arms.append(Arm("B", args.assistant_b or args.assistant, parse_guardrails(args.guardrails_b, arm_a.guardrails)))
+    for arm in arms:  # a bad spec stops the run here, not in every one of its dialogues
+        try:
+            parse_spec(arm.assistant)
+        except ValueError as exc:
+            print(f"error: --assistant{'-b' if arm.name == 'B' else ''}: {exc}", file=sys.stderr)
+            return 2
     try:
         found = read_intents(args.intents)
     except (OSError, ValueError) as exc:

@@ -95,6 +95,9 @@ REPORTED: tuple[Guardrail, ...] = GUARDRAILS + (
     Guardrail("retry_cap", "retry cap", None, True, "No sample passed within the retry cap: the last one was kept."),
     Guardrail("context", "context trim", None, True, "The oldest exchanges were dropped to fit the context."),
 )
+for _row in REPORTED:  # a resampling row is one with a check, and only such a row has one
+    if (_row.acts == "resample") != (_row.check is not None) or _row.acts not in ("mask", "resample", "reported"):
+        raise ValueError(f"guardrail {_row.name!r}: acts={_row.acts!r} does not match its check")
 BY_NAME = {g.name: g for g in REPORTED}
 GUARDRAIL_NAMES = tuple(g.name for g in REPORTED)
 GUARDRAIL_ACTIONS = ("masked", "resampled", "gave_up", "trimmed")

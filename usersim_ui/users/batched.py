@@ -241,6 +241,8 @@ def generate_user_turns(simulator: UserSimulator, dialogues: Sequence[Dialogue],
     rules = simulator.rules
     pending = []
     listeners = list(on_drafts) if on_drafts is not None else [None] * len(dialogues)
+    if len(listeners) != len(dialogues):
+        raise ValueError(f"{len(dialogues)} dialogues but {len(listeners)} draft listeners")
     for d, s, seed, on_draft in zip(dialogues, settings_list, seeds, listeners):
         plan = rules.plan(d, s.guardrails, s.sampling, getattr(s, "context_budget", 2048), seed)
         turns = assemble(rules, plan, simulator.model_id)
