@@ -91,7 +91,7 @@ def test_the_batch_tab_sends_the_hosts_key_only_to_an_endpoint_the_host_trusts(b
         batch_tab.run_batch_ui(intents, 1, 1, "openai", server.url, "loopback", [], 6, **quiet)
         assert server.authorizations[-1] != f"Bearer {HOST_KEY}" and HOST_KEY not in str(server.authorizations)
         typed = batch_tab.run_batch_ui(intents, 1, 1, "openai", server.url, "loopback", [], 6, "sk-visitor", **quiet)
-        assert typed[0].startswith("1 dialogues") and server.authorizations[-1] == "Bearer sk-visitor"
+        assert typed[0].startswith("1 dialogue in") and server.authorizations[-1] == "Bearer sk-visitor"
         monkeypatch.setenv("USERSIM_TRUSTED_ENDPOINTS", f"https://api.example.com/v1, {server.url}/")
         batch_tab.run_batch_ui(intents, 1, 1, "openai", server.url, "loopback", [], 6, **quiet)
         assert server.authorizations[-1] == f"Bearer {HOST_KEY}"
@@ -437,7 +437,7 @@ def test_the_batch_tab_lists_skipped_lines_and_its_folder_goes_with_the_session(
     try:
         status, *_, files = batch_tab.run_batch_ui(str(path), 1, 1, "openai", server.url, "loopback", [], 6,
                                                    progress=lambda *a, **k: None)
-        assert "Skipped 1 line(s)" in status and "line 2: the intent has 5,009 characters" in status
+        assert "Skipped 1 line of the intents file" in status and "line 2: the intent has 5,009 characters" in status
         first = Path(files[0]).parent
         assert first.exists() and first.parent == tmp_path / "out"
         again = batch_tab.run_batch_ui(str(path), 1, 1, "openai", server.url, "loopback", [], 6,

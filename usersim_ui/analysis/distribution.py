@@ -466,7 +466,10 @@ def _panel_figure(title: str, panels: list[tuple[str, pd.DataFrame]], height_per
 
     heights = [max(len(rows), 1) + 1.5 for _, rows in panels]
     fig = make_subplots(rows=len(panels), cols=1, row_heights=[h / sum(heights) for h in heights], vertical_spacing=0.08,
-                        subplot_titles=[f"{PANELS[p][0]} - {PANELS[p][1]}" for p, _ in panels])
+                        subplot_titles=[f"{PANELS[p][0]}<br>{PANELS[p][1]}" for p, _ in panels])
+    # each panel's title on two lines from the plot's left edge: centred on one line, a panel in
+    # half a page (the batch tab) cut it off at the right
+    fig.update_annotations(x=0, xanchor="left", align="left", font=dict(size=12))
     fig.update_layout(title=title, template="plotly_white", height=int(120 + height_per_row * sum(heights)),
                       margin=dict(l=260, r=20, t=80, b=40), legend=dict(orientation="h", y=-0.04))
     return fig, {p: i + 1 for i, (p, _) in enumerate(panels)}
@@ -498,7 +501,7 @@ def comparison_figure(table: pd.DataFrame) -> go.Figure:
         fig.update_yaxes(tickvals=ys, ticktext=[metric_name(m) for m in rows["metric"]], autorange="reversed",
                          row=row_of[p], col=1)
         if p == "p_end":
-            fig.update_xaxes(type="log", exponentformat="e", tickformat=".2~e", row=row_of[p], col=1)
+            fig.update_xaxes(type="log", exponentformat="e", tickformat=".2~e", nticks=4, row=row_of[p], col=1)
     return fig
 
 

@@ -90,6 +90,11 @@ def sample_choices() -> list[tuple[str, str]]:
     return [(f"{i.category} · {i.title}", i.id) for i in sorted(load_sample_intents(), key=lambda i: i.category)]
 
 
+def counted(n: int, noun: str) -> str:
+    """``1 dialogue``, ``2 dialogues``: a count a person reads."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
@@ -116,8 +121,9 @@ def plan_line(intents_file: Any, samples: float, max_turns: float, b_off: list[s
     source = ("measured in this session's last batch" if measured is not None
               else "CPU estimate from the recorded 12x3 run on 2 cores")
     where = "the uploaded file" if intents_file else ("the ticked sample intents" if sample_ids else "all sample intents")
-    line = (f"**Plan:** {len(intents)} intents ({where}) × {n_samples} samples × {arms} arm(s) = **{dialogues} dialogues**, "
-            f"at most **{turns} user turns** with their replies; estimated at most **{_duration(turns * (n_tokens + ASSISTANT_MAX_TOKENS) * rate)}** "
+    line = (f"**Plan:** {counted(len(intents), 'intent')} ({where}) × {counted(n_samples, 'sample')} × "
+            f"{counted(arms, 'arm')} = **{counted(dialogues, 'dialogue')}**, "
+            f"at most **{counted(turns, 'user turn')}** with their replies; estimated at most **{_duration(turns * (n_tokens + ASSISTANT_MAX_TOKENS) * rate)}** "
             f"({rate:.3f} s per token of budget, {source}).")
     if intents_file and sample_ids:
         line += " The checklist is ignored while a file is uploaded."
@@ -300,15 +306,16 @@ def _run_batch(run: Any, folder: Path, grid: BatchGrid, endpoint: BackendSpec, p
     figs, paths = report["figures"], report["paths"]
     arms_line = ", ".join(f"{a} ({len(d)})" for a, d in report["arms"].items())
     if result.stopped:
-        status = (f"Stopped: {result.written} of {len(jobs)} dialogues finished and kept ({made} user turns in "
+        status = (f"Stopped: {result.written} of {counted(len(jobs), 'dialogue')} finished and kept "
+                  f"({counted(made, 'user turn')} in "
                   f"{result.elapsed_s:.0f} s; {result.failed} failed) - arms: {arms_line}. The dialogue that was "
                   "running is not kept.")
     else:
-        status = (f"{result.written} dialogues in {result.elapsed_s:.0f} s ({result.failed} failed) "
+        status = (f"{counted(result.written, 'dialogue')} in {result.elapsed_s:.0f} s ({result.failed} failed) "
                   f"- arms: {arms_line}")
     if problems:
         shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
-        status += f"\n\nSkipped {len(problems)} line(s) of the intents file: {literal_line(shown)}."
+        status += f"\n\nSkipped {counted(len(problems), 'line')} of the intents file: {literal_line(shown)}."
     table = display_table(report["table"])
     files = [str(paths[k]) for k in ("jsonl", "csv", "dialogues_csv", "html", "errors") if paths[k].exists()]
     return status, table, figs["survival"], figs["p_end"], figs["guardrails"], figs["comparison"], files

@@ -19,6 +19,7 @@ from usersim_ui.app.batch_tab import build_batch_tab
 from usersim_ui.app.branches import FORK_DEFAULT, FORK_MAX
 from usersim_ui.app.examples import load_examples
 from usersim_ui.app.form import (
+    BACKEND_FIELDS,
     Form,
     guardrail_boxes,
     number_input,
@@ -31,6 +32,7 @@ from usersim_ui.assistants.registry import (
     PAGE_CHOICES,
     needs_endpoint,
     researcher_types,
+    takes_model,
 )
 from usersim_ui.core import transitions
 from usersim_ui.core.dialogue import Dialogue
@@ -473,9 +475,11 @@ def _wire_settings(page: Page) -> None:
     gr.on([c.change for c in live_inputs], update_live, live_inputs, None, api_name="update_settings",
           concurrency_limit=None)
 
-    def show_backend(kind):
-        return gr.update(visible=needs_endpoint(kind)), gr.update(visible=researcher_types(kind))
-    page.backend[0].change(show_backend, [page.backend[0]], [page.openai_box, page.you_box], api_name=False)
+    def show_backend(kind):  # the boxes each kind reads (the table says which), and the reply box
+        return (gr.update(visible=needs_endpoint(kind)), gr.update(visible=takes_model(kind)),
+                gr.update(visible=researcher_types(kind)))
+    page.backend[0].change(show_backend, [page.backend[0]], [page.openai_box, page.backend[BACKEND_FIELDS.index("model")], page.you_box],
+                           api_name=False)
 
 
 # Loading an example replaces the dialogue shown: the page asks first when there is one.

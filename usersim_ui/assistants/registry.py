@@ -138,16 +138,26 @@ def kind_of(spec: BackendSpec) -> AssistantKind:
     return KINDS[spec.kind]
 
 
+def _row(kind: object) -> AssistantKind | None:
+    return KINDS.get(kind) if isinstance(kind, str) else None  # anything a page sends
+
+
 def researcher_types(kind: object) -> bool:
-    """Whether the kind named ``kind`` (anything a page sends) has the researcher type its turns."""
-    row = KINDS.get(kind) if isinstance(kind, str) else None
+    """Whether the kind named ``kind`` has the researcher type its turns."""
+    row = _row(kind)
     return row is not None and row.typed_by_researcher
 
 
 def needs_endpoint(kind: object) -> bool:
-    """Whether the kind named ``kind`` talks to an endpoint (its URL, model and key boxes apply)."""
-    row = KINDS.get(kind) if isinstance(kind, str) else None
+    """Whether the kind named ``kind`` talks to an endpoint (its URL and key boxes apply)."""
+    row = _row(kind)
     return row is not None and "base_url" in row.spec_parts
+
+
+def takes_model(kind: object) -> bool:
+    """Whether the kind named ``kind`` is told which model to use (its model box applies)."""
+    row = _row(kind)
+    return row is not None and "model" in row.spec_parts
 
 
 def make_backend(spec: BackendSpec) -> AssistantBackend | None:
