@@ -95,7 +95,7 @@ def test_auto_run_through_the_api_gives_dialogue_charts_and_export(app_url):
     user_bubbles = [m for m in chat if m["role"] == "user" and not (m.get("metadata") or {}).get("title")]
     badges = [m["metadata"]["title"] for m in chat if (m.get("metadata") or {}).get("title")]
     assert "Dialogue over" in banner and len(user_bubbles) >= 1
-    assert badges[0].startswith("#1 · Simulated user · p_end")
+    assert badges[0].startswith("#1 · Simulated user · P(end)")
     assert "Turn lengths" in json.dumps(lengths) and ("**Ended by the turn cap**" in summary or "**Ended by the simulated user" in summary) and "**Intent:**" in transcript
     record = dialogue_of(client)
     assert record["intent"] == INTENT and record["ended_by"] in {"user", "turn_cap"}

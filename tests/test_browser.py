@@ -73,7 +73,7 @@ def test_a_researcher_session(page, tmp_path):
     page.locator("#intent textarea").fill(INTENT)
     click_and_wait(page, "Step", 2)
     click_and_wait(page, "Step", 4)
-    assert "p_end" in badge_of(page, 3)
+    assert "P(end)" in badge_of(page, 3)
     page.screenshot(path=SHOTS / "01-two-steps.png", full_page=True)
 
     # a guardrail setting changed now applies to the very next turn

@@ -104,7 +104,7 @@ def watch_stream(page, timeout_s: float = 120) -> tuple[float | None, list[str]]
             draft = text.rsplit("▍", 1)[0].rsplit("\n", 1)[-1]
             if not seen or seen[-1] != draft:
                 seen.append(draft)
-        elif re.search(r"#1 · Simulated user · p_end", text):
+        elif re.search(r"#1 · Simulated user · P\(end\)", text):
             break
         time.sleep(0.02)
     return first, seen

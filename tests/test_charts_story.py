@@ -176,11 +176,11 @@ def test_lengths_figure_puts_rejected_sample_lengths_beside_the_accepted_turn():
 
 def test_badges_say_tiny_p_end_rejected_lengths_and_cuts():
     badges = [badge_line(t) for t in story().turns]
-    assert badges[0].startswith("p_end 3.0e-04 · 5 words / 8 tokens · 0.50 s")
-    assert "p_end 2.4e-04 · 5 words / 6 tokens · rejected: 31, 28 words · length: resampled 2x" in badges[2]
+    assert badges[0].startswith("P(end) 3.0e-04 · 5 words / 8 tokens · 0.50 s")
+    assert "P(end) 2.4e-04 · 5 words / 6 tokens · rejected: 31, 28 words · length: resampled 2x" in badges[2]
     assert "rejected: 30, 31, 32, 33, 34 words · cut at 25 words" in badges[4]
     assert badges[6] == "3 words / 0 tokens · typed by researcher"
-    assert badges[8].startswith("p_end 0.350 ·")
+    assert badges[8].startswith("P(end) 0.350 ·")
     assert sum("cut at" in b for b in badges) == 1 and sum("rejected:" in b for b in badges) == 2
 
 
@@ -215,7 +215,7 @@ def test_mean_p_end_skips_user_turns_without_one():
 
 def test_transcript_keeps_badges_and_the_end_line():
     md = to_markdown(story())
-    assert "**9. user:** <|endconversation|>" in md and "<sub>p_end 3.0e-04 · 5 words / 8 tokens" in md
+    assert "**9. user:** <|endconversation|>" in md and "<sub>P(end) 3.0e-04 · 5 words / 8 tokens" in md
     assert "cut at 25 words" in md and md.rstrip().endswith("_Dialogue over: the simulated user ended it._")
     assert end_line(Dialogue(intent="x")) == ""
 

@@ -157,7 +157,7 @@ def test_simulate_cli_prints_a_whole_dialogue(smollm2, capsys):
                           "--assistant-max-tokens", "12", "--user-model", "baseline"]) == 0
     out = capsys.readouterr().out
     assert "prompted user baseline" in out and "[1] user:" in out and "[2] assistant:" in out
-    assert "p_end" in out and "Dialogue over: the turn cap was reached." in out
+    assert "P(end)" in out and "Dialogue over: the turn cap was reached." in out
 
 
 def test_dialogue_dict_has_no_secrets(tiny_sim):

@@ -111,7 +111,7 @@ def test_render_shows_text_literally_and_badges_apart():
     state, chat, banner, *_rest = handlers.render(dialogue)
     assert state is dialogue and "simulated user ended it" in banner
     # each turn: its header (speaker and badge, folded details), then its text
-    assert chat[0]["metadata"]["title"].startswith("#1 · Simulated user · p_end 0.200")
+    assert chat[0]["metadata"]["title"].startswith("#1 · Simulated user · P(end) 0.200")
     assert "too &lt;b&gt;long&lt;/b&gt; text" in chat[0]["content"]
     assert chat[1]["content"] == "a b c" and "metadata" not in chat[1]
     shown = chat[3]["content"]

@@ -21,13 +21,13 @@ def badge_line(turn: Turn) -> str:
     """One compact line of what is known about a turn: P(end), the accepted turn's size and the
     rejected samples' sizes apart, latency, guardrails, authorship.
 
-    ``p_end 2.4e-04 · 12 words / 17 tokens · rejected: 31, 28 words · cut at 25 words · 0.50 s · ...``
+    ``P(end) 2.4e-04 · 12 words / 17 tokens · rejected: 31, 28 words · cut at 25 words · 0.50 s · ...``
 
     Returned as inert Markdown (``literal_line``): the page renders it (the chat's folded
     titles, the transcript), and a guardrail's detail may come from an imported file."""
     parts = []
     if turn.p_end is not None:
-        parts.append(f"p_end {format_probability(turn.p_end)}")
+        parts.append(f"P(end) {format_probability(turn.p_end)}")
     parts.append(f"{turn.words} words / {turn.tokens} tokens")
     if turn.rejected:
         parts.append(f"rejected: {', '.join(str(w) for w in rejected_words(turn))} words")

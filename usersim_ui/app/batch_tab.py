@@ -336,7 +336,8 @@ def build_batch_tab() -> None:
             max_turns = gr.Slider(1, 12, value=4, step=1, label="Max user turns", elem_id="batch-turns")
             max_new_tokens = gr.Slider(8, 128, value=64, step=8, label="Max tokens per user turn", elem_id="batch-tokens")
     with gr.Row():
-        assistant = gr.Dropdown(BATCH_CHOICES, value=BATCH_CHOICES[0][1], label="Assistant", elem_id="batch-assistant")
+        assistant = gr.Dropdown(BATCH_CHOICES, value=BATCH_CHOICES[0][1], label="Assistant", elem_id="batch-assistant",
+                                scale=2, min_width=300)  # its labels are long: room to read them
         base_url = gr.Textbox(label="Base URL (openai)", placeholder="http://localhost:8000/v1", elem_id="batch-url")
         model = gr.Textbox(label="Model (openai)", elem_id="batch-model")
         api_key = gr.Textbox(label="API key (openai; sent only to this URL, never stored)", type="password")
@@ -347,7 +348,7 @@ def build_batch_tab() -> None:
         stop = gr.Button("Stop batch", variant="stop", elem_id="batch-stop")
     status = gr.Markdown(elem_id="batch-status")
     table = gr.Dataframe(label="Metrics (value, 95% bootstrap interval; B - A with its interval)", wrap=True,
-                         elem_id="batch-table")
+                         elem_id="batch-table", headers=["metric", "A", "A_lo", "A_hi"])  # until a run fills it
     with gr.Row():
         survival, p_end = gr.Plot(label="Survival"), gr.Plot(label="P(end) by turn")
     with gr.Row():
