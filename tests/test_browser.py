@@ -63,6 +63,22 @@ def badge_of(page, number: int) -> str:
     return match.group(1)
 
 
+def show_details(page, number: int, marker: str, shown: bool) -> None:
+    """Unfold (``shown``) or fold turn ``number``'s details and wait until ``marker`` is (or is not)
+    on the page. A click that lands while the chat re-renders after a turn can be lost (seen on
+    CI under load: the details stayed open): it is clicked again, three times at most."""
+    for _ in range(3):
+        if (marker in page.locator("#dialogue").inner_text()) == shown:
+            return
+        page.locator("#dialogue").get_by_text(f"#{number} ·").click()
+        try:
+            wait_for_text(page, "#dialogue", marker, absent=not shown, timeout=3_000)
+            return
+        except sync_api.TimeoutError:
+            continue
+    raise AssertionError(f"turn {number}'s details would not {'unfold' if shown else 'fold'}")
+
+
 def set_number(page, label: str, value: int) -> None:
     box = page.get_by_label(label, exact=True)
     box.fill(str(value))
@@ -82,11 +98,9 @@ def test_a_researcher_session(page, tmp_path):
     set_number(page, "Min words", 300)
     click_and_wait(page, "Next user turn", 5)
     assert "length: resampled 1x" in badge_of(page, 5) and "retry_cap: gave_up" in badge_of(page, 5)
-    page.locator("#dialogue").get_by_text("#5 ·").click()  # unfold the turn's details
-    page.wait_for_timeout(300)
+    show_details(page, 5, "rejected (", True)  # unfold the turn's details
     assert "rejected (length:" in page.locator("#dialogue").inner_text()
-    page.locator("#dialogue").get_by_text("#5 ·").click()  # fold it again
-    page.wait_for_timeout(300)
+    show_details(page, 5, "rejected (", False)  # fold it again (the page text compared below has it folded)
     page.locator("#g-length input").uncheck()
     page.wait_for_timeout(500)
     click_and_wait(page, "Next assistant turn", 6)
