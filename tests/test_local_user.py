@@ -271,7 +271,7 @@ def test_a_new_resampling_guardrail_is_one_row_of_the_table(tiny_sim, monkeypatc
     from usersim_ui.core import guardrails as table
 
     asks = table.Guardrail("question", "question", None, True, "Resample a turn that asks nothing.",
-                           check=lambda text, earlier, intent, s: None if "?" in text else "no question")
+                           acts="resample", check=lambda text, earlier, intent, s: None if "?" in text else "no question")
     monkeypatch.setattr(table, "GUARDRAILS", table.GUARDRAILS + (asks,))
     monkeypatch.setattr(table, "BY_NAME", {**table.BY_NAME, "question": asks})
     only_it = replace(GuardrailSettings().all_off(), retry_cap=3)
@@ -285,7 +285,8 @@ def test_a_new_resampling_guardrail_is_one_row_of_the_table(tiny_sim, monkeypatc
 def test_a_row_that_resamples_carries_its_check():
     from usersim_ui.core.guardrails import REPORTED
 
-    assert {g.name for g in REPORTED if g.check is not None} == {"length", "repetition"}
+    assert {g.name for g in REPORTED if g.check is not None} == {g.name for g in REPORTED if g.acts == "resample"} \
+        == {"length", "repetition"}
 
 
 def test_resampling_rounds_come_from_the_table_and_greedy_draws_once():

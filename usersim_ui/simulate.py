@@ -13,7 +13,7 @@ from dataclasses import replace
 from usersim_ui.analysis.transcript import badge_line, end_line
 from usersim_ui.assistants.registry import SPEC_FORMS
 from usersim_ui.core.dialogue import SamplingSettings, dialogues_to_jsonl
-from usersim_ui.core.guardrails import SWITCHES, GuardrailSettings
+from usersim_ui.core.guardrails import GUARDRAILS, GuardrailSettings
 from usersim_ui.core.intents import sample_intent
 from usersim_ui.core.transitions import RunSettings, auto_run, new_dialogue
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--assistant-max-tokens", type=int, default=128)
     parser.add_argument("--assistant", default="local",
                         help=f"{SPEC_FORMS} (an endpoint's key from OPENAI_API_KEY)")
-    for g in SWITCHES:
+    for g in (g for g in GUARDRAILS if g.field is not None):
         parser.add_argument(f"--no-{g.field.replace('_', '-')}", action="store_true", dest=f"off_{g.field}",
                             help=f"switch the {g.label} guardrail off ({g.help})")
     parser.add_argument("--jsonl", help="also write the dialogue to this JSONL file")
@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     from usersim_ui.users.registry import default_simulator
 
     intent = sample_intent(args.intent_id).intent if args.intent_id else args.intent
-    guardrails = replace(GuardrailSettings(), **{g.field: not getattr(args, f"off_{g.field}") for g in SWITCHES})
+    guardrails = replace(GuardrailSettings(), **{g.field: not getattr(args, f"off_{g.field}")
+                                                 for g in GUARDRAILS if g.field is not None})
     sampling = SamplingSettings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                                 seed=args.seed)
     settings = RunSettings(guardrails=guardrails, sampling=sampling, max_turns=args.max_turns)

@@ -43,10 +43,10 @@ from usersim_ui.batch.runner import (
     write_reports,
 )
 from usersim_ui.core.dialogue import SamplingSettings
-from usersim_ui.core.guardrails import SWITCHES, parse_guardrails
+from usersim_ui.core.guardrails import GUARDRAILS, parse_guardrails
 from usersim_ui.core.intents import SampleIntent, load_sample_intents
 
-GUARDRAIL_CHOICES = [g.name for g in SWITCHES]  # what a B arm can switch off
+GUARDRAIL_CHOICES = [g.name for g in GUARDRAILS if g.field is not None]  # what a B arm can switch off
 ASSISTANT_MAX_TOKENS = 128
 MAX_DIALOGUES = 400  # a page is not the place for more: use python -m usersim_ui.batch
 # The plan line's estimate before this session has run a batch: seconds per token of a user turn's

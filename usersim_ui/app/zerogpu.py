@@ -89,10 +89,12 @@ def _in_worker(job: Callable[[threading.Event, OnDraft], object]) -> Iterator[ob
     def result(on_draft: OnDraft) -> Iterator[object]:
         yield job(stop, on_draft)
 
-    try:  # closed (Stop) or failed, with_drafts sets stop: generate() ends within one token
+    try:
         yield from with_drafts(result, stop, every_s=0.0, heartbeat_s=HEARTBEAT_S, join_s=None)
     except USER_ERRORS as error:
         raise as_gradio_error(error) from None
+    finally:
+        stop.set()  # closed (Stop) or failed: generate() ends within one token
 
 
 @spaces.GPU(duration=gpu_seconds)

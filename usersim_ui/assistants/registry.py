@@ -167,7 +167,8 @@ def make_backend(spec: BackendSpec) -> AssistantBackend | None:
 
 def parse_spec(text: str, base: BackendSpec | None = None) -> BackendSpec:
     """A CLI spec string (:data:`SPEC_FORMS`: ``local``, ``local:MODEL``, ``openai:URL:MODEL``,
-    ...) over ``base`` (sampling, system prompt, key); its parts split by :func:`_split_parts`."""
+    ...) over ``base`` (sampling, system prompt, key). A URL holds colons: every part but the
+    last takes what lies left of the last colons."""
     base = base or BackendSpec()
     name, _colon, rest = text.strip().partition(":")
     kind = KINDS.get(name)
@@ -187,7 +188,7 @@ def _split_parts(rest: str, parts: tuple[str, ...]) -> list[str]:
     """A spec's parts. A URL holds colons (``http://host:8000/v1``) and so may a model name
     (``llama3:8b``): a URL part ends at the first colon after its path begins, else (no path)
     the parts split at the last colons."""
-    if parts == ("base_url", "model"):
+    if "base_url" in parts and parts[0] == "base_url" and len(parts) == 2:
         host_at = rest.find("://")
         path_at = rest.find("/", host_at + 3) if host_at >= 0 else -1
         cut = rest.find(":", path_at) if path_at >= 0 else -1

@@ -23,9 +23,9 @@ Check = Callable[[str, Sequence[str], str, "GuardrailSettings"], "str | None"]
 @dataclass(frozen=True)
 class Guardrail:
     """One row of the table: its id in records and spec strings, what people read, its switch,
-    and, for a resampling guardrail, its ``check`` of a finished sample (a reason to resample it,
-    or None). A row without a check is a logit mask, which every engine applies in sampling
-    from the turn's plan (``users.turn.TurnPlan``), or a record only (``REPORTED``)."""
+    and how it acts: a ``check`` of a finished sample (a reason to resample it, or None) for a
+    resampling guardrail; a logit mask (``acts="mask"``) is applied in sampling by every engine
+    from the turn's plan (``users.turn.TurnPlan``)."""
 
     name: str  # id in GuardrailEvent.guardrail, CLI specs and reports
     label: str  # what a person reads in charts, badges and reports
@@ -33,6 +33,7 @@ class Guardrail:
     default: bool  # the paper's setting
     help: str  # one line on what it does
     toggle: str = ""  # the switch's label on the page
+    acts: str = "reported"  # "mask" (in sampling), "resample" (after a sample), "reported" (a record only)
     check: Check | None = None  # a resampling guardrail's rule: why to resample the sample, or None
 
 
@@ -74,26 +75,29 @@ def repetition_violation(text: str, earlier_user_turns: Sequence[str], intent: s
     return None
 
 
+
 # ---- the table ------------------------------------------------------------------------------
 
 GUARDRAILS: tuple[Guardrail, ...] = (
     Guardrail("first_token", "first-token filter", "first_token_filter", True,
-              "The user's turn may not open like an assistant's.", "First-token filter"),
+              "The user's turn may not open like an assistant's.", "First-token filter", acts="mask"),
     Guardrail("no_early_ending", "no early ending", "no_early_ending", True,
-              "P(end) is still measured; the end token just cannot be drawn.", "No early ending"),
+              "P(end) is still measured; the end token just cannot be drawn.", "No early ending", acts="mask"),
     Guardrail("length", "length", "length_thresholds", True,
               "Resample a turn shorter than min words or longer than max words.", "Length thresholds",
-              check=length_violation),
+              acts="resample", check=length_violation),
     Guardrail("repetition", "repetition", "verbatim_repetition", True,
               "Resample a turn that repeats an earlier user turn or copies the intent.", "Verbatim repetition",
-              check=repetition_violation),
+              acts="resample", check=repetition_violation),
 )
 # What else a turn's record may say acted on it: not switches, but reported beside them.
 REPORTED: tuple[Guardrail, ...] = GUARDRAILS + (
     Guardrail("retry_cap", "retry cap", None, True, "No sample passed within the retry cap: the last one was kept."),
     Guardrail("context", "context trim", None, True, "The oldest exchanges were dropped to fit the context."),
 )
-SWITCHES = tuple(g for g in GUARDRAILS if g.field is not None)  # what a researcher switches on and off
+for _row in REPORTED:  # a resampling row is one with a check, and only such a row has one
+    if (_row.acts == "resample") != (_row.check is not None) or _row.acts not in ("mask", "resample", "reported"):
+        raise ValueError(f"guardrail {_row.name!r}: acts={_row.acts!r} does not match its check")
 BY_NAME = {g.name: g for g in REPORTED}
 GUARDRAIL_NAMES = tuple(g.name for g in REPORTED)
 GUARDRAIL_ACTIONS = ("masked", "resampled", "gave_up", "trimmed")
@@ -122,7 +126,7 @@ class GuardrailSettings:
         return True if row.field is None else bool(getattr(self, row.field))
 
     def all_off(self) -> "GuardrailSettings":
-        return replace(self, **{g.field: False for g in SWITCHES})  # type: ignore[misc]
+        return replace(self, **{g.field: False for g in GUARDRAILS if g.field is not None})
 
 
 def count_words(text: str) -> int:
@@ -132,7 +136,7 @@ def count_words(text: str) -> int:
 
 # ---- spec strings (CLIs, batch arms) --------------------------------------------------------
 
-ALIASES = {**{g.name: g.field for g in SWITCHES}, "min_turns": "min_user_turns_before_end"}
+ALIASES = {**{g.name: g.field for g in GUARDRAILS if g.field is not None}, "min_turns": "min_user_turns_before_end"}
 
 
 def parse_guardrails(spec: str | None, base: GuardrailSettings | None = None) -> GuardrailSettings:
@@ -173,27 +177,24 @@ def switched_off(settings: GuardrailSettings) -> list[str]:
     return [g.name for g in GUARDRAILS if not settings.is_on(g.name)]
 
 
+
 # ---- rules over the table ----------------------------------------------------------------
-
-def _checks_on(settings: GuardrailSettings) -> list[Guardrail]:
-    """The resampling guardrails that ``settings`` switches on, in the table's order."""
-    return [g for g in GUARDRAILS if g.check is not None and settings.is_on(g.name)]
-
 
 def rejection_reason(text: str, earlier_user_turns: Sequence[str], intent: str,
                      settings: GuardrailSettings) -> str | None:
     """``"<guardrail>: <why>"`` for the first resampling guardrail (in the table's order) that is
     on and rejects the sample, else None."""
-    for g in _checks_on(settings):
-        why = g.check(text, earlier_user_turns, intent, settings)  # type: ignore[misc]
-        if why:
-            return f"{g.name}: {why}"
+    for g in GUARDRAILS:
+        if g.check is not None and settings.is_on(g.name):
+            why = g.check(text, earlier_user_turns, intent, settings)
+            if why:
+                return f"{g.name}: {why}"
     return None
 
 
 def resamples(settings: GuardrailSettings) -> bool:
     """Whether any resampling guardrail is on: only then may a turn draw more than one sample."""
-    return bool(_checks_on(settings))
+    return any(g.check is not None and settings.is_on(g.name) for g in GUARDRAILS)
 
 
 def stop_after_words(settings: GuardrailSettings) -> int | None:
